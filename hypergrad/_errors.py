@@ -1,0 +1,34 @@
+"""Typed exceptions and warnings raised by hypergrad.
+
+Every message names the argument, the value received and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class HypergradError(Exception):
+    """Base class of every error hypergrad raises on purpose."""
+
+
+class TreeMismatchError(HypergradError, ValueError):
+    """Two trees of tensors that must match differ in keys, shape, dtype or device."""
+
+
+class NonFiniteError(HypergradError, FloatingPointError):
+    """A right-hand side or an operator product holds NaN or infinity (raised on request only)."""
+
+
+class SolverBreakdownError(HypergradError, ArithmeticError):
+    """A Krylov solver met non-positive curvature or a zero denominator (raised on request only)."""
+
+
+class OperatorTagError(HypergradError, ValueError):
+    """A solver needs a property (symmetric, positive definite) that the operator does not declare."""
+
+
+class IndefiniteSketchError(HypergradError, ValueError):
+    """A Nystrom sketch of an operator that is not positive semi-definite."""
+
+
+class NotStationaryWarning(UserWarning):
+    """The given inner point is far from stationary, so the implicit function theorem is inexact."""

@@ -1,0 +1,136 @@
+"""What a solve returns: the value, a result code with a fix-it message, and honest stats.
+
+Stats hold tensors, not Python numbers, so a solve with a fixed iteration count never waits
+for the device. Reading :attr:`SolveStats.result` (or ``bool(stats.converged)``) synchronises
+once, after the solve.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._tree import Tree
+
+__all__ = ["Result", "Solution", "SolveStats"]
+
+
+class Result(enum.Enum):
+    """How a solve ended. ``result.message`` says what it means and what to do."""
+
+    CONVERGED = "converged: the residual norm is within max(tol * ||b||, atol)"
+    MAX_ITERATIONS = (
+        "stopped at maxiter with the residual above the tolerance; raise maxiter, loosen tol, "
+        "add damping or a preconditioner (a fixed-iteration solve with tol=0 always ends here)"
+    )
+    BREAKDOWN = (
+        "breakdown: non-positive curvature d.Ad <= 0 was met, so the operator is not positive "
+        "definite along the search direction; the iterate was frozen there (on_breakdown='stop'). "
+        "Add damping, or use MINRES for symmetric indefinite systems"
+    )
+    NONFINITE = (
+        "non-finite values (NaN/inf) in the right-hand side or an operator product; check the "
+        "losses and inputs, or lower the learning rate that produced them"
+    )
+    UNCHECKED = (
+        "no residual was computed (a zero-HVP approximation); pass compute_residual=True to "
+        "measure the approximation error at the cost of one product"
+    )
+
+    @property
+    def message(self) -> str:
+        return str(self.value)
+
+
+@dataclass(frozen=True)
+class SolveStats:
+    """Diagnostics of one (possibly batched) solve.
+
+    Per-right-hand-side tensors have shape ``()`` for a single right-hand side and ``(k,)`` for
+    a batched solve.
+
+    Attributes:
+        solver: the solver's name.
+        iterations: iterations run.
+        num_hvp: operator products applied (a batched product of k tangents counts k).
+        residual_norm: final ``||b - A x||`` (the solver's recurrence; exact up to rounding).
+        rhs_norm: ``||b||``.
+        residual_history: residual norms, shape ``(iterations + 1, ...)``, starting at ``x0``.
+        threshold: the convergence threshold ``max(tol * ||b||, atol)``.
+        breakdown: whether non-positive curvature (or a zero denominator) was met.
+        nonfinite: whether NaN/inf appeared in the right-hand side or a product.
+        min_curvature: smallest Rayleigh quotient ``d.Ad / d.d`` seen (Krylov solvers), else None.
+    """
+
+    solver: str
+    iterations: int
+    num_hvp: int
+    residual_norm: Tensor
+    rhs_norm: Tensor
+    residual_history: Tensor
+    threshold: Tensor
+    breakdown: Tensor
+    nonfinite: Tensor
+    min_curvature: Tensor | None = None
+    checked: bool = True
+
+    @property
+    def converged(self) -> Tensor:
+        """Boolean tensor: residual within the threshold and everything finite."""
+        return (self.residual_norm <= self.threshold) & ~self.nonfinite & ~self.breakdown
+
+    @property
+    def relative_residual(self) -> Tensor:
+        """``||b - A x|| / ||b||`` (0 where ``b = 0``)."""
+        return torch.where(self.rhs_norm > 0, self.residual_norm / self.rhs_norm.clamp_min(1e-300),
+                           torch.zeros_like(self.residual_norm))
+
+    @property
+    def result(self) -> Result:
+        """The worst outcome over the right-hand sides (synchronises with the device once)."""
+        if not self.checked:
+            return Result.NONFINITE if bool(self.nonfinite.any()) else Result.UNCHECKED
+        if bool(self.nonfinite.any()):
+            return Result.NONFINITE
+        if bool(self.breakdown.any()):
+            return Result.BREAKDOWN
+        if bool(self.converged.all()):
+            return Result.CONVERGED
+        return Result.MAX_ITERATIONS
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-Python view for logging (synchronises)."""
+        return {
+            "solver": self.solver,
+            "result": self.result.name,
+            "iterations": self.iterations,
+            "num_hvp": self.num_hvp,
+            "residual_norm": self.residual_norm.tolist(),
+            "relative_residual": self.relative_residual.tolist(),
+            "min_curvature": None if self.min_curvature is None else self.min_curvature.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class Solution:
+    """``value`` (a tree shaped like the right-hand side), ``stats``, and the lazy ``result``.
+
+    Unpacks as ``value, result, stats = solution`` (which synchronises to compute ``result``).
+    """
+
+    value: Tree
+    stats: SolveStats
+
+    @property
+    def result(self) -> Result:
+        return self.stats.result
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.value
+        yield self.result
+        yield self.stats

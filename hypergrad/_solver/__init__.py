@@ -1,0 +1,10 @@
+"""Linear solvers for :math:`A x = b` on trees of tensors, one module per solver."""
+
+from ._base import Solver
+from .cg import CG
+from .identity import Identity
+from .layerwise_cg import LayerwiseCG
+from .minres import MINRES
+from .neumann import Neumann
+
+__all__ = ["CG", "MINRES", "Identity", "LayerwiseCG", "Neumann", "Solver"]

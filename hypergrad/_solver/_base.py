@@ -1,0 +1,219 @@
+"""Shared machinery of the iterative solvers: validation, batching, bookkeeping."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from .._errors import NonFiniteError, OperatorTagError, SolverBreakdownError
+from .._operator import LinearOperator
+from .._solution import Solution, SolveStats
+from .._tree import Tree, check_compatible, tree_batch_norm
+
+BreakdownPolicy = Literal["stop", "continue", "raise"]
+NonfinitePolicy = Literal["report", "raise"]
+
+
+def _batch_size(B: Mapping[str, Tensor]) -> int:
+    return next(iter(B.values())).shape[0]
+
+
+class Monitor:
+    """Bookkeeping of one batched solve: residual history, HVP count, breakdown and NaN flags."""
+
+    def __init__(self, solver: Solver, B: Tree, R0: Tree, num_hvp: int = 0) -> None:
+        self.solver = solver
+        self.rhs_norm = tree_batch_norm(B)
+        self.threshold = torch.clamp_min(solver.tol * self.rhs_norm, solver.atol)
+        self.history = [tree_batch_norm(R0)]
+        self.nonfinite = ~torch.isfinite(self.rhs_norm) | ~torch.isfinite(self.history[0])
+        self.breakdown = torch.zeros_like(self.nonfinite)
+        self.min_curvature: Tensor | None = None
+        self.num_hvp = num_hvp
+        self.iterations = 0
+
+    def product(self, operator: LinearOperator, X: Tree) -> Tree:
+        """Apply the operator to k stacked trees and count k products."""
+        self.num_hvp += _batch_size(X)
+        return operator.matmat(X)
+
+    def curvature(self, dAd: Tensor, dd: Tensor) -> Tensor:
+        """Record the Rayleigh quotients d.Ad/d.d; return the mask of non-positive curvature."""
+        quotient = torch.where(dd > 0, dAd / dd.clamp_min(torch.finfo(dd.dtype).tiny),
+                               torch.full_like(dAd, float("inf")))
+        self.min_curvature = quotient if self.min_curvature is None else torch.minimum(self.min_curvature, quotient)
+        self.nonfinite = self.nonfinite | ~torch.isfinite(dAd)
+        bad = (dAd <= 0) & (dd > 0)
+        self.breakdown = self.breakdown | bad
+        return bad
+
+    def step(self, residual_norm: Tensor) -> bool:
+        """Record an iteration; return True when every right-hand side is finished.
+
+        Synchronises with the device only on the solver's check interval.
+        """
+        self.iterations += 1
+        self.history.append(residual_norm)
+        self.nonfinite = self.nonfinite | ~torch.isfinite(residual_norm)
+        if not self.solver.checks_enabled or self.iterations % self.solver.check_every_or_one != 0:
+            return False
+        finished = (residual_norm <= self.threshold) | self.nonfinite
+        if self.solver.on_breakdown != "continue":
+            finished = finished | self.breakdown
+        return bool(finished.all())
+
+    def stats(self, *, checked: bool = True) -> SolveStats:
+        return SolveStats(
+            solver=type(self.solver).__name__,
+            iterations=self.iterations,
+            num_hvp=self.num_hvp,
+            residual_norm=self.history[-1],
+            rhs_norm=self.rhs_norm,
+            residual_history=torch.stack(self.history),
+            threshold=self.threshold,
+            breakdown=self.breakdown,
+            nonfinite=self.nonfinite,
+            min_curvature=self.min_curvature,
+            checked=checked,
+        )
+
+
+@dataclass(frozen=True)
+class Solver(abc.ABC):
+    r"""An immutable, validated solver configuration for :math:`A x = b`.
+
+    Args:
+        maxiter: iterations (each costs one operator product per right-hand side).
+        tol: relative tolerance: stop when :math:`\|b - Ax\| \le \max(tol\,\|b\|, atol)`.
+        atol: absolute tolerance.
+        check_every: check convergence every this many iterations (each check synchronises
+            with the device once). ``None``, or ``tol = atol = 0``, runs exactly ``maxiter``
+            iterations with no host synchronisation at all.
+        on_breakdown: at non-positive curvature, ``"stop"`` freezes that right-hand side's
+            iterate (reported in the stats), ``"continue"`` keeps iterating (reported too),
+            ``"raise"`` stops and raises :class:`SolverBreakdownError` after the solve.
+        on_nonfinite: ``"report"`` flags NaN/inf in the stats; ``"raise"`` raises
+            :class:`NonFiniteError` after the solve. Values are never zeroed.
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-6
+    atol: float = 0.0
+    check_every: int | None = 1
+    on_breakdown: BreakdownPolicy = "stop"
+    on_nonfinite: NonfinitePolicy = "report"
+
+    requires_symmetric: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 0:
+            raise ValueError(f"{name}: maxiter must be a non-negative int, got {self.maxiter!r}")
+        for field_name in ("tol", "atol"):
+            value = getattr(self, field_name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}: {field_name} must be a number >= 0, got {value!r}")
+        if self.check_every is not None and (not isinstance(self.check_every, int) or self.check_every < 1):
+            raise ValueError(f"{name}: check_every must be None or an int >= 1, got {self.check_every!r}")
+        if self.on_breakdown not in ("stop", "continue", "raise"):
+            raise ValueError(f"{name}: on_breakdown must be 'stop', 'continue' or 'raise', got {self.on_breakdown!r}")
+        if self.on_nonfinite not in ("report", "raise"):
+            raise ValueError(f"{name}: on_nonfinite must be 'report' or 'raise', got {self.on_nonfinite!r}")
+
+    @property
+    def checks_enabled(self) -> bool:
+        """Whether the loop ever synchronises to test convergence."""
+        return self.check_every is not None and (self.tol > 0 or self.atol > 0)
+
+    @property
+    def check_every_or_one(self) -> int:
+        return self.check_every or 1
+
+    @property
+    def freezes_on_breakdown(self) -> bool:
+        return self.on_breakdown in ("stop", "raise")
+
+    def solve(self, operator: LinearOperator, b: Tree, x0: Tree | None = None, *, batched: bool = False) -> Solution:
+        """Solve :math:`A x = b`.
+
+        Args:
+            operator: the linear operator ``A``.
+            b: right-hand side tree; with ``batched=True`` every leaf has a leading dimension k
+                (k systems with the same operator, sharing batched products).
+            x0: optional initial guess shaped like ``b`` (costs one extra product).
+            batched: see ``b``.
+
+        Returns:
+            :class:`Solution` with the value shaped like ``b`` and :class:`SolveStats`.
+        """
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(
+                f"operator must be a hypergrad.LinearOperator, got {type(operator).__name__}; "
+                f"wrap a function with hypergrad.FunctionOperator(fn, symmetric=...)"
+            )
+        if self.requires_symmetric and not operator.symmetric:
+            raise OperatorTagError(
+                f"{type(self).__name__} needs a symmetric operator, but {type(operator).__name__} is "
+                f"tagged symmetric=False; use Neumann (or declare symmetric=True if it is)"
+            )
+        if not b:
+            raise ValueError("b must be a non-empty tree of tensors")
+        if x0 is not None:
+            check_compatible(b, x0, "b", "x0")
+        B = dict(b) if batched else {k: v.unsqueeze(0) for k, v in b.items()}
+        X0 = None if x0 is None else (dict(x0) if batched else {k: v.unsqueeze(0) for k, v in x0.items()})
+        X, stats = self._solve(operator, B, X0)
+        if self.on_nonfinite == "raise" and bool(stats.nonfinite.any()):
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite values in the right-hand side or an operator product "
+                f"(rhs norm {stats.rhs_norm.tolist()}); check the losses and inputs"
+            )
+        if self.on_breakdown == "raise" and bool(stats.breakdown.any()):
+            raise SolverBreakdownError(
+                f"{type(self).__name__}: non-positive curvature (min d.Ad/d.d = "
+                f"{None if stats.min_curvature is None else stats.min_curvature.min().item():.3g}) "
+                f"after {stats.iterations} iterations; the operator is not positive definite. "
+                f"Add damping or use hypergrad.MINRES"
+            )
+        if not batched:
+            X = {k: v[0] for k, v in X.items()}
+            stats = _unbatch_stats(stats)
+        return Solution(X, stats)
+
+    @abc.abstractmethod
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+        """Solve for k stacked right-hand sides; return the stacked solution and stats."""
+
+
+def _unbatch_stats(stats: SolveStats) -> SolveStats:
+    return SolveStats(
+        solver=stats.solver,
+        iterations=stats.iterations,
+        num_hvp=stats.num_hvp,
+        residual_norm=stats.residual_norm[0],
+        rhs_norm=stats.rhs_norm[0],
+        residual_history=stats.residual_history[:, 0],
+        threshold=stats.threshold[0],
+        breakdown=stats.breakdown[0],
+        nonfinite=stats.nonfinite[0],
+        min_curvature=None if stats.min_curvature is None else stats.min_curvature[0],
+        checked=stats.checked,
+    )
+
+
+def safe_divide(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
+    """``num / den`` where ``mask``, else 0 (no division by zero, no host sync)."""
+    return torch.where(mask, num / torch.where(mask, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def initial_residual(monitor_free_operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, Tree, int]:
+    """``(X, R = B - A X, products used)`` for a zero or given initial guess."""
+    if X0 is None:
+        return {k: torch.zeros_like(v) for k, v in B.items()}, dict(B), 0
+    AX = monitor_free_operator.matmat(X0)
+    return dict(X0), {k: B[k] - AX[k] for k in B}, _batch_size(B)
