@@ -1,0 +1,73 @@
+"""hypergrad: implicit hypergradients for bilevel optimisation in PyTorch.
+
+Hessian-vector products (:func:`hvp`, :class:`HessianOperator`), linear operators on trees of
+tensors, solvers that report what happened (:class:`CG`, :class:`LayerwiseCG`, :class:`Neumann`,
+:class:`MINRES`, :class:`Identity`, :class:`NystromPreconditioner`), and implicit
+differentiation (:func:`implicit_grad`, :func:`fixed_point_grad`, :func:`darts_grad`,
+:func:`custom_root`).
+"""
+
+from ._custom_root import custom_root
+from ._errors import (
+    HypergradError,
+    IndefiniteSketchError,
+    NonFiniteError,
+    NotStationaryWarning,
+    OperatorTagError,
+    SolverBreakdownError,
+    TreeMismatchError,
+)
+from ._hvp import GradientGraph, VJPGraph, gradient, hvp, hvp_batched, mixed_vjp
+from ._implicit import ImplicitStats, darts_grad, fixed_point_grad, implicit_grad
+from ._module import functional, module_buffers, module_params
+from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator, MatrixOperator
+from ._preconditioner import NystromPreconditioner
+from ._solution import Result, Solution, SolveStats
+from ._solver import CG, MINRES, Identity, LayerwiseCG, Neumann, Solver
+from ._tree import Tree
+from .distributed import DistributedOperator, all_reduce_mean
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "MINRES",
+    "DampedOperator",
+    "DistributedOperator",
+    "FunctionOperator",
+    "GradientGraph",
+    "HessianOperator",
+    "HypergradError",
+    "Identity",
+    "ImplicitStats",
+    "IndefiniteSketchError",
+    "LayerwiseCG",
+    "LinearOperator",
+    "MatrixOperator",
+    "Neumann",
+    "NonFiniteError",
+    "NotStationaryWarning",
+    "NystromPreconditioner",
+    "OperatorTagError",
+    "Result",
+    "Solution",
+    "SolveStats",
+    "Solver",
+    "SolverBreakdownError",
+    "Tree",
+    "TreeMismatchError",
+    "VJPGraph",
+    "__version__",
+    "all_reduce_mean",
+    "custom_root",
+    "darts_grad",
+    "fixed_point_grad",
+    "functional",
+    "gradient",
+    "hvp",
+    "hvp_batched",
+    "implicit_grad",
+    "mixed_vjp",
+    "module_buffers",
+    "module_params",
+]
