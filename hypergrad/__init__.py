@@ -20,7 +20,13 @@ from ._errors import (
 from ._hvp import GradientGraph, VJPGraph, gradient, hvp, hvp_batched, mixed_vjp
 from ._implicit import ImplicitStats, darts_grad, fixed_point_grad, implicit_grad
 from ._module import functional, module_buffers, module_params
-from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator, MatrixOperator
+from ._operator import (
+    DampedOperator,
+    FunctionOperator,
+    HessianOperator,
+    LinearOperator,
+    MatrixOperator,
+)
 from ._preconditioner import NystromPreconditioner
 from ._solution import Result, Solution, SolveStats
 from ._solver import CG, MINRES, Identity, LayerwiseCG, Neumann, Solver

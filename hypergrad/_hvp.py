@@ -76,7 +76,7 @@ class VJPGraph:
         self._batched_ok = True
 
     def vjp(self, v: Mapping[str, Tensor], to: Tree | None = None) -> Tree:
-        """:math:`\nabla_{to} \langle y, v\rangle` for one tree ``v`` shaped like the outputs."""
+        r""":math:`\nabla_{to} \langle y, v\rangle` for one tree ``v`` shaped like the outputs."""
         to = self.wrt if to is None else to
         keys, tkeys = list(self.outputs), list(to)
         out = _grads([self.outputs[k] for k in keys], [to[k] for k in tkeys], [v[k] for k in keys],
@@ -127,12 +127,12 @@ class GradientGraph(VJPGraph):
         return self.outputs
 
     def norm(self) -> Tensor:
-        """:math:`\|g\|` as a 0-d tensor (no host sync)."""
+        r""":math:`\|g\|` as a 0-d tensor (no host sync)."""
         return tree_norm({k: v.detach() for k, v in self.outputs.items()})
 
 
 def gradient(f: Objective, params: Mapping[str, Tensor]) -> Tree:
-    """:math:`\\nabla f(p)` as a detached tree."""
+    r""":math:`\nabla f(p)` as a detached tree."""
     p = primals(params)
     keys = list(p)
     g = _grads([_check_scalar(f(p), "f")], [p[k] for k in keys], None)
@@ -191,7 +191,7 @@ def hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, Tens
 
 def hvp(f: Objective, params: Mapping[str, Tensor], v: Mapping[str, Tensor], *,
         method: HVPMethod = "reverse", fd_eps: float | None = None) -> Tree:
-    """One Hessian-vector product :math:`\\nabla^2 f(p)\\,v`.
+    r"""One Hessian-vector product :math:`\nabla^2 f(p)\,v`.
 
     Args:
         f: scalar objective of a tree, e.g. ``lambda p: loss_fn(functional(net)(p, x), y)``.

@@ -66,13 +66,13 @@ class NystromPreconditioner:
     @classmethod
     def build(cls, operator: LinearOperator, like: Mapping[str, Tensor], rank: int, *, mu: float = 0.0,
               generator: torch.Generator | None = None) -> NystromPreconditioner:
-        """Sketch ``operator`` (assumed PSD) with ``rank`` batched products.
+        r"""Sketch ``operator`` (assumed PSD) with ``rank`` batched products.
 
         Args:
             operator: the PSD part ``A``.
             like: a tree with the operator's shapes, dtypes and device (e.g. the parameters).
             rank: sketch size ``r`` (1 <= r <= n).
-            mu: shift of the system being preconditioned, :math:`A + \\mu I`.
+            mu: shift of the system being preconditioned, :math:`A + \mu I`.
             generator: random generator for the Gaussian test matrix.
         """
         keys = list(like)
@@ -107,7 +107,7 @@ class NystromPreconditioner:
     @classmethod
     def from_damped(cls, operator: DampedOperator, like: Mapping[str, Tensor], rank: int, *,
                     generator: torch.Generator | None = None) -> NystromPreconditioner:
-        """For :math:`aI + bB`: sketch ``B`` (must be PSD) with :math:`\\mu = a/b` (scale is irrelevant to CG)."""
+        r"""For :math:`aI + bB`: sketch ``B`` (must be PSD) with :math:`\mu = a/b` (scale is irrelevant to CG)."""
         if operator.operator_coeff <= 0:
             raise ValueError(f"operator_coeff must be > 0 to precondition, got {operator.operator_coeff}")
         return cls.build(operator.base, like, rank, mu=operator.identity_coeff / operator.operator_coeff,
