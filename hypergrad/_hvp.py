@@ -214,7 +214,8 @@ def mixed_vjp(f: Callable[[Tree, Tree], Tensor], inner: Mapping[str, Tensor], ou
 
     Args:
         f: scalar function ``f(inner, outer)``.
-        inner, outer: the point.
+        inner: the inner point.
+        outer: the outer point.
         u: tree shaped like ``inner``.
 
     Returns:

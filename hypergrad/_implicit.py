@@ -215,12 +215,17 @@ def fixed_point_grad(
 
     Args:
         fixed_point: ``T(inner, outer) -> tree shaped like inner``.
+        upper_loss: ``F(inner, outer)``, scalar.
+        inner: the fixed point (approximately).
+        outer: the outer variables.
         solver: default ``Neumann(maxiter=50, alpha=1)`` — the fixed-point iteration
             :math:`u \leftarrow \partial_i F + (\partial_i T)^\top u` itself, which converges
             when ``T`` is a contraction. CG/MINRES need ``symmetric=True``.
         symmetric: declare :math:`\partial_i T` symmetric (true when
             :math:`T = i - \eta \nabla_i L`).
-        (others as in :func:`implicit_grad`; stationarity is :math:`\|T(i, o) - i\|`.)
+        distributed: as in :func:`implicit_grad`.
+        group: as in :func:`implicit_grad`.
+        stationarity_tol: as in :func:`implicit_grad`, for :math:`\|T(i, o) - i\|`.
     """
     solver = Neumann(maxiter=50, alpha=1.0) if solver is None else solver
     _check_tree(inner, "inner")

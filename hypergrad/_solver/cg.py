@@ -35,7 +35,8 @@ class CG(Solver):
     Args:
         preconditioner: optional symmetric positive definite map ``r -> M^{-1} r`` on batched
             trees (leading dimension k), e.g. :class:`hypergrad.NystromPreconditioner`.
-        (others: see :class:`hypergrad.Solver`.)
+
+    The other arguments are those of :class:`hypergrad.Solver`.
 
     Example:
         >>> sol = CG(maxiter=50, tol=1e-10).solve(MatrixOperator(A), {"x": b})
