@@ -41,9 +41,14 @@ class _ImplicitRoot(torch.autograd.Function):
             pi, po = primals(inner), primals(outer)
             graph = GradientGraph(spec["lower_loss"](pi, po), pi)
             outer_d = {k: x.detach() for k, x in outer.items()}
-            operator: LinearOperator = HessianOperator(
-                lambda p: spec["lower_loss"](p, outer_d), {k: x.detach() for k, x in inner.items()},
-                method=spec["hvp_method"], _cache={"graph": graph} if spec["hvp_method"] == "reverse" else {},
+            inner_d = {k: x.detach() for k, x in inner.items()}
+
+            def f(p: Tree) -> Tensor:
+                return spec["lower_loss"](p, outer_d)
+
+            operator: LinearOperator = (
+                HessianOperator.from_graph(graph, f, inner_d) if spec["hvp_method"] == "reverse"
+                else HessianOperator(f, inner_d, method=spec["hvp_method"])
             )
             if spec["damping"] > 0:
                 operator = DampedOperator(operator, spec["damping"], 1.0)

@@ -175,8 +175,7 @@ def implicit_grad(
     inner_d = {k: x.detach() for k, x in inner.items()}
     outer_d = {k: x.detach() for k, x in outer.items()}
     if hvp_method == "reverse":
-        operator: LinearOperator = HessianOperator(lambda p: lower_loss(p, outer_d), inner_d,
-                                                   _cache={"graph": graph})
+        operator: LinearOperator = HessianOperator.from_graph(graph, lambda p: lower_loss(p, outer_d), inner_d)
     else:
         operator = HessianOperator(lambda p: lower_loss(p, outer_d), inner_d, method=hvp_method, fd_eps=fd_eps)
     if damping > 0:

@@ -80,6 +80,11 @@ class HessianOperator(LinearOperator):
                 f"method={self.method!r} is not an HVP method; use 'reverse', 'forward' or 'finite_difference'"
             )
 
+    @classmethod
+    def from_graph(cls, graph: GradientGraph, f: Objective, params: Mapping[str, Tensor]) -> HessianOperator:
+        """A reverse-mode operator that reuses an already built :class:`GradientGraph` of ``f`` at ``params``."""
+        return cls(f, params, method="reverse", reuse_graph=True, _cache={"graph": graph})
+
     def gradient_graph(self) -> GradientGraph:
         """The cached first-order graph (built on first use)."""
         if "graph" not in self._cache:
