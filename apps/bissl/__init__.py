@@ -1,0 +1,1 @@
+"""BiSSL reference application: SimCLR pretext training, fine-tuning and evaluation pipelines."""
