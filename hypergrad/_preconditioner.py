@@ -101,6 +101,10 @@ class NystromPreconditioner:
         B = torch.linalg.solve_triangular(chol, Y.mT, upper=False).mT  # Y C^{-T}, (n, r)
         U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
         eig = (sigma**2 - shift).clamp_min(0.0)
+        # Keep only the numerically positive part of the sketch: a zero lambda_r with mu = 0 would
+        # make the numerator lambda_r + mu vanish and P^{-1} singular.
+        keep = eig > eig[0] * n * torch.finfo(dtype).eps if eig[0] > 0 else torch.zeros_like(eig, dtype=torch.bool)
+        U, eig = U[:, keep], eig[keep]
         return cls(basis=U, eigenvalues=eig, mu=float(mu), num_hvp=rank,
                    like={k: v.detach() for k, v in like.items()})
 
@@ -114,6 +118,8 @@ class NystromPreconditioner:
                          generator=generator)
 
     def __call__(self, R: Tree) -> Tree:
+        if self.eigenvalues.numel() == 0:  # the sketch saw only zero eigenvalues: P = I
+            return dict(R)
         keys = list(self.like)
         flat = _flatten_batched(R, keys).to(self.basis.dtype)  # (k, n)
         coeff = flat @ self.basis  # (k, r)

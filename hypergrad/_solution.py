@@ -29,9 +29,10 @@ class Result(enum.Enum):
         "add damping or a preconditioner (a fixed-iteration solve with tol=0 always ends here)"
     )
     BREAKDOWN = (
-        "breakdown: non-positive curvature d.Ad <= 0 was met, so the operator is not positive "
-        "definite along the search direction; the iterate was frozen there (on_breakdown='stop'). "
-        "Add damping, or use MINRES for symmetric indefinite systems"
+        "breakdown: a non-positive curvature denominator d.Ad <= 0 was met (for LayerwiseCG: per "
+        "tensor), so the operator is not positive definite along the search direction; with "
+        "on_breakdown='stop' the iterate was frozen there. Add damping, use CG instead of "
+        "LayerwiseCG, or use MINRES for symmetric indefinite systems"
     )
     NONFINITE = (
         "non-finite values (NaN/inf) in the right-hand side or an operator product; check the "

@@ -61,7 +61,7 @@ class CG(Solver):
             bad = monitor.curvature(dAd, tree_batch_dot(D, D))
             if self.freezes_on_breakdown:
                 active = active & ~bad
-                alpha = safe_divide(rz, dAd, active & (dAd > 0))
+                alpha = safe_divide(rz, dAd, active & ~(dAd <= 0))  # NaN passes through
             else:
                 alpha = safe_divide(rz, dAd, dAd != 0)
             X = tree_axpy(alpha, D, X)
