@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._hvp import GradientGraph, HVPMethod, Objective, hvp_batched, primals
-from ._tree import Tree, tree_add, tree_scale
+from ._tree import Tree, check_compatible, tree_add, tree_scale
 
 __all__ = [
     "DampedOperator",
@@ -94,9 +94,14 @@ class HessianOperator(LinearOperator):
         return graph
 
     def mv(self, x: Tree) -> Tree:
-        return {k: v[0] for k, v in self.matmat({k: v.unsqueeze(0) for k, v in x.items()}).items()}
+        check_compatible(self.params, x, "params", "tangent")
+        return {k: v[0] for k, v in self._products({k: v.unsqueeze(0) for k, v in x.items()}).items()}
 
     def matmat(self, X: Tree) -> Tree:
+        check_compatible(self.params, X, "params", "tangents", batched_b=True)
+        return self._products(X)
+
+    def _products(self, X: Tree) -> Tree:
         if self.method == "reverse" and self.reuse_graph:
             graph = self.gradient_graph()
             if next(iter(X.values())).shape[0] == 1:

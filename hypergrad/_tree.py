@@ -83,7 +83,8 @@ def check_compatible(
         if tuple(x.shape) != shape_y:
             raise TreeMismatchError(
                 f"{name_b}[{key!r}] has shape {tuple(y.shape)}, expected "
-                f"{('(k, ' + str(tuple(x.shape))[1:]) if batched_b else tuple(x.shape)} to match {name_a}[{key!r}]"
+                f"{'(k, ' + ', '.join(map(str, x.shape)) + ')' if batched_b else tuple(x.shape)} "
+                f"to match {name_a}[{key!r}]"
             )
         if x.dtype != y.dtype:
             raise TreeMismatchError(
