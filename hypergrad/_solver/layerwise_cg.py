@@ -11,7 +11,7 @@ from torch import Tensor
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_batch_dot, tree_batch_norm
-from ._base import Monitor, Solver, initial_residual, safe_divide
+from ._base import BreakdownPolicy, Monitor, Solver, initial_residual, safe_divide
 
 __all__ = ["LayerwiseCG"]
 
@@ -39,7 +39,13 @@ class LayerwiseCG(Solver):
     are coupled); ``min_curvature`` is the Rayleigh quotient of ``A`` along the joint direction.
     The per-tensor recurrence for ``r`` is not :math:`b - Ax` on a coupled operator, so the final
     residual is recomputed with one extra product (counted in ``num_hvp``).
+
+    ``on_breakdown`` defaults to ``"continue"`` here, as in the reference code (which never
+    checks): a negative per-tensor denominator is common on coupled operators and is reported in
+    the stats, not acted on. ``"stop"`` freezes the right-hand side at the first one.
     """
+
+    on_breakdown: BreakdownPolicy = "continue"
 
     requires_symmetric: ClassVar[bool] = True
 

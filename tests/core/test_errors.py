@@ -203,7 +203,7 @@ def test_nonfinite_product_is_reported(name, bad):
         pytest.param(lambda: hg.CG(maxiter=10, tol=1e-8, on_breakdown="continue"), id="CG-continue"),
         pytest.param(lambda: hg.MINRES(maxiter=10, tol=1e-8), id="MINRES"),
         pytest.param(lambda: hg.CG(maxiter=10, tol=1e-8), id="CG-stop"),
-        pytest.param(lambda: hg.LayerwiseCG(maxiter=10, tol=1e-8), id="LayerwiseCG-stop"),
+        pytest.param(lambda: hg.LayerwiseCG(maxiter=10, tol=1e-8, on_breakdown="stop"), id="LayerwiseCG-stop"),
     ],
 )
 @pytest.mark.parametrize("after", [0, 2])
