@@ -1,0 +1,390 @@
+"""Validated run configuration: pydantic models, YAML presets and ``--set a.b=value`` overrides.
+
+A run is described by one :class:`RunConfig`. It is built from a preset name (a file
+``bissl/presets/<name>.yaml``) or a YAML path, then ``--set`` overrides are applied to the raw
+mapping, then everything is validated at once. Errors are raised as :class:`ConfigError` whose
+message names each offending field, the value received and how to fix it — before any work.
+
+Example:
+    >>> from bissl.config import load_config
+    >>> cfg = load_config("digits", ["pretext.epochs=2", "search.trials=1"])
+    >>> cfg.pretext.epochs
+    2
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message lists every problem with field, value and fix."""
+
+
+class _Section(BaseModel):
+    """Base: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Datasets, image size and the held-out validation split."""
+
+    dataset: str = Field("digits", description="downstream dataset (a key of bissl.data.DATASETS)")
+    pretext_dataset: str | None = Field(None, description="pretext dataset; None = same as dataset")
+    pretext_split: Literal["train", "unlabeled"] = "train"
+    root: str | None = Field(None, description="dataset root folder (not needed for digits)")
+    image_size: int = Field(16, ge=8, le=512)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    num_workers: int = Field(0, ge=0, le=64)
+
+    @property
+    def pretext_name(self) -> str:
+        """Name of the dataset used by the pretext stage."""
+        return self.pretext_dataset or self.dataset
+
+
+class ModelConfig(_Section):
+    """Backbone and SimCLR projector."""
+
+    arch: Literal["resnet18", "resnet-small"] = "resnet-small"
+    small_images: bool = Field(True, description="3x3 stride-1 stem without max-pool (16-32 px)")
+    width: int = Field(16, ge=1, le=512, description="base width of resnet-small (ignored by resnet18)")
+    projector_hidden_dim: int = Field(256, ge=1)
+    projector_out_dim: int = Field(256, ge=1)
+    sync_bn: bool = Field(True, description="SyncBN when distributed on GPU (pretext and fine-tuning)")
+
+
+class AugmentConfig(_Section):
+    """SimCLR and downstream augmentations."""
+
+    aspect_ratio_quirk: bool = Field(
+        True, description="reference quirk: crop 'min ratio 0.5' passed as aspect ratio (0.5, 1)"
+    )
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="SimCLR crop area range")
+    downstream_crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="fine-tuning crop area range"
+    )
+    blur: bool = True
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> AugmentConfig:
+        for name in ("crop_scale", "downstream_crop_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(
+                    f"augment.{name}: got {[lo, hi]}; need 0 < low <= high <= 1. "
+                    f"Fix: e.g. --set augment.{name}=[0.08,1.0]"
+                )
+        return self
+
+
+class PretextConfig(_Section):
+    """SimCLR pretext training with LARS and warm-up + cosine schedule."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=2, description="global batch of image pairs")
+    lr: float = Field(4.8, gt=0.0)
+    lr_scaled_by_batch: bool = Field(
+        False, description="True: lr * batch_size / 256 (reference quirk 2: not scaled)"
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-6, ge=0.0)
+    trust_coefficient: float = Field(0.001, gt=0.0)
+    lars_exclude_bias_and_norm: bool = True
+    temperature: float = Field(0.5, gt=0.0)
+    warmup_epochs: int = Field(10, ge=0, description="linear warm-up, in pretext epochs' steps")
+    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    eval_every_epochs: int = Field(10, ge=1, description="kNN + linear probe every N epochs")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.1, gt=0.0)
+    probe_epochs: int = Field(100, ge=1)
+    probe_lr: float = Field(0.01, gt=0.0, description="Adam lr of the full-batch linear probe")
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> PretextConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"pretext.warmup_epochs: got {self.warmup_epochs} >= pretext.epochs={self.epochs}; "
+                "the cosine phase needs at least one epoch. "
+                f"Fix: --set pretext.warmup_epochs={max(self.epochs // 10, 0)}"
+            )
+        return self
+
+    def effective_lr(self) -> float:
+        """Base learning rate after the optional batch-size scaling."""
+        return self.lr * self.batch_size / 256 if self.lr_scaled_by_batch else self.lr
+
+
+class WarmupConfig(_Section):
+    """Linear warm-up of a new head on the frozen pretext backbone."""
+
+    epochs: int = Field(20, ge=0, description="0 disables the stage")
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.015, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    bn_train_mode: bool = Field(
+        True, description="reference: BN stays in train mode while the backbone is frozen"
+    )
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning of the whole backbone plus a linear head (SGD, cosine schedule)."""
+
+    epochs: int = Field(400, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.05, gt=0.0, description="used by `bissl finetune` (search picks its own)")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0)
+    warmup_epochs: int = Field(0, ge=0)
+    head_init: Literal["new", "warmup"] = Field(
+        "new", description="new linear head (reference) or the linear warm-up's head"
+    )
+    grad_clip: float | None = Field(None, gt=0.0)
+    eval_every_epochs: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> FinetuneConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"finetune.warmup_epochs: got {self.warmup_epochs} >= finetune.epochs={self.epochs}. "
+                "Fix: --set finetune.warmup_epochs=0"
+            )
+        return self
+
+
+class SearchConfig(_Section):
+    """Random search over fine-tuning (lr, wd), then several seeds at the best setting."""
+
+    trials: int = Field(200, ge=1)
+    lr_range: tuple[float, float] = (1e-4, 1.0)
+    wd_range: tuple[float, float] = (1e-5, 1e-2)
+    seeds: int = Field(10, ge=1)
+    trial_epochs: int | None = Field(None, ge=1, description="None = finetune.epochs")
+    sampler_seed: int | None = Field(None, description="None = the run seed")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SearchConfig:
+        for name, (lo, hi) in (("lr_range", self.lr_range), ("wd_range", self.wd_range)):
+            if not 0.0 < lo < hi:
+                raise ValueError(
+                    f"search.{name}: got {[lo, hi]}; need 0 < low < high (log-uniform). "
+                    f"Fix: e.g. --set search.{name}=[{lo if lo > 0 else 1e-5},{max(hi, 2 * lo, 1e-3)}]"
+                )
+        return self
+
+
+class EvalConfig(_Section):
+    """Evaluation settings."""
+
+    batch_size: int = Field(512, ge=1)
+    topk: tuple[int, ...] = (1, 5)
+
+
+class RunConfig(_Section):
+    """The whole run. Part 2 adds a ``bissl:`` section here (layerwise_cg, hvp_updates_bn, ...)."""
+
+    name: str = "digits"
+    seed: int = Field(0, ge=0)
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every_steps: int = Field(100, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    pretext: PretextConfig = Field(default_factory=PretextConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        from bissl.data import DATASETS  # local import: config must load even while data is broken
+
+        for field, name in (("data.dataset", self.data.dataset),
+                            ("data.pretext_dataset", self.data.pretext_name)):
+            if name not in DATASETS:
+                close = difflib.get_close_matches(name, list(DATASETS), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"{field}: unknown dataset {name!r}; {hint}valid: {sorted(DATASETS)}. "
+                    f"Fix: --set {field}=digits"
+                )
+        spec = DATASETS[self.data.pretext_name]
+        if self.data.pretext_split == "unlabeled" and not spec.has_unlabeled:
+            raise ValueError(
+                f"data.pretext_split: 'unlabeled' but dataset {spec.name!r} has no unlabeled split. "
+                "Fix: --set data.pretext_split=train"
+            )
+        if not self.model.small_images and self.data.image_size < 32:
+            raise ValueError(
+                f"model.small_images: false with data.image_size={self.data.image_size}: the "
+                "ImageNet stem (7x7/2 conv + max-pool) shrinks such images to 1x1 maps. "
+                "Fix: --set model.small_images=true or data.image_size>=32"
+            )
+        if max(self.eval.topk) < 1:
+            raise ValueError(f"eval.topk: got {list(self.eval.topk)}; need ks >= 1. Fix: [1, 5]")
+        return self
+
+    @property
+    def trial_epochs(self) -> int:
+        """Fine-tuning epochs of one search trial."""
+        return self.search.trial_epochs or self.finetune.epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``bissl/presets``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(preset_or_path: str) -> dict[str, Any]:
+    path = Path(preset_or_path)
+    if preset_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"--config: file {str(path)!r} does not exist. Fix: give an existing "
+                              f"YAML file or a preset name ({', '.join(available_presets())})")
+    else:
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"--config: unknown preset {preset_or_path!r}. "
+                              f"Fix: use one of {available_presets()} or a path to a YAML file")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed with ``yaml.safe_load``) to a raw mapping.
+
+    Args:
+        raw: nested mapping as read from YAML; modified in place and returned.
+        overrides: strings ``dotted.key=value``.
+    Returns:
+        The same mapping.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set pretext.epochs=5")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {item!r}: {where!r} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _field_names(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """Valid field names of the section addressed by loc[:-1] (for 'did you mean')."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if p != "__root__"]
+        field = ".".join(str(p) for p in loc) or "(config)"
+        if err["type"] == "extra_forbidden":
+            names = _field_names(RunConfig, loc)
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            lines.append(f"- {field}: unknown field; {hint}valid here: {names}. Fix: remove or rename it")
+        elif err["type"] == "value_error":
+            lines.append(f"- {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(
+                f"- {field}: got {err.get('input')!r}; {err['msg']}. "
+                f"Fix: --set {field}=<valid value>"
+            )
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def validate_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`, raising :class:`ConfigError`."""
+    try:
+        return RunConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(preset_or_path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a preset (name) or YAML file, apply ``--set`` overrides and validate.
+
+    Args:
+        preset_or_path: preset name in ``bissl/presets`` (e.g. ``"digits"``) or a YAML path.
+        overrides: ``dotted.key=value`` strings; values are parsed with ``yaml.safe_load``.
+    Returns:
+        The validated configuration.
+    Raises:
+        ConfigError: listing every invalid field with its value and a fix.
+    """
+    return validate_config(apply_overrides(_read_yaml(preset_or_path), overrides))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """Resolved configuration as YAML text (round-trips through :func:`validate_config`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def check_data_sizes(cfg: RunConfig, sizes: Mapping[str, int], world_size: int = 1) -> None:
+    """Check batch sizes against dataset sizes and the world size (call before training).
+
+    Args:
+        cfg: validated config.
+        sizes: number of items per split: keys "pretext", "train", "val" (others ignored).
+        world_size: number of processes; global batches must divide evenly.
+    Raises:
+        ConfigError: naming the field, the value and a fix.
+    """
+    problems = []
+    checks = [
+        ("pretext.batch_size", cfg.pretext.batch_size, "pretext"),
+        ("warmup.batch_size", cfg.warmup.batch_size if cfg.warmup.epochs else 0, "train"),
+        ("finetune.batch_size", cfg.finetune.batch_size, "train"),
+    ]
+    for field, batch, split in checks:
+        n = sizes.get(split)
+        if n is not None and batch > n:
+            problems.append(f"- {field}: got {batch}, larger than the {split} split ({n} items); "
+                            f"with drop_last no step would run. Fix: --set {field}={max(n // 4, 1)}")
+        if batch and batch % world_size:
+            problems.append(f"- {field}: got {batch}, not divisible by world size {world_size}. "
+                            f"Fix: --set {field}={batch - batch % world_size or world_size}")
+    if sizes.get("val", 1) == 0:
+        problems.append("- data.val_fraction: validation split is empty. Fix: increase it")
+    if problems:
+        raise ConfigError("invalid configuration for this data:\n" + "\n".join(problems))

@@ -1,0 +1,1 @@
+"""Pipeline stages: each a function taking the validated config and the run directory."""
