@@ -94,6 +94,7 @@ def simclr_views(
     aspect_ratio_quirk: bool,
     scale: tuple[float, float] = (0.08, 1.0),
     blur: bool = True,
+    hflip: bool = True,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> tuple[Transform, Transform]:
@@ -111,6 +112,8 @@ def simclr_views(
         aspect_ratio_quirk: crop aspect ratio (0.5, 1.0) as the released code; else (3/4, 4/3).
         scale: RandomResizedCrop area range.
         blur: False drops the Gaussian blur from both views (e.g. for tiny images).
+        hflip: False drops the horizontal flip (for data whose mirror image is another class,
+            such as digits).
         mean, std: per-channel normalisation, see :func:`normalization_stats`.
 
     Returns:
@@ -135,7 +138,7 @@ def simclr_views(
             interpolation=v2.InterpolationMode.BICUBIC,
             antialias=True,
         ),
-        v2.RandomHorizontalFlip(p=0.5),
+        *([v2.RandomHorizontalFlip(p=0.5)] if hflip else []),
         *color,
     ]
     kernel = blur_kernel_size(image_size)
@@ -165,12 +168,13 @@ def downstream_transforms(
     mean: Sequence[float],
     std: Sequence[float],
     scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
 ) -> tuple[Transform, Transform]:
     """Fine-tuning transforms of the reference.
 
     Train: RandomResizedCrop(image_size) (bilinear, aspect ratio as in :func:`simclr_views`) and
     horizontal flip p=0.5. Test: Resize(round(image_size * 109 / 96)) of the shorter side, then
-    CenterCrop(image_size) (96 px -> Resize(109) + CenterCrop(96)).
+    CenterCrop(image_size) (96 px -> Resize(109) + CenterCrop(96)). ``hflip=False`` drops the flip.
 
     Returns:
         ``(train_tf, test_tf)``: uint8 (C, H, W) -> float32 (C, image_size, image_size).
@@ -182,7 +186,7 @@ def downstream_transforms(
     train_tf = v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
+            *([v2.RandomHorizontalFlip(p=0.5)] if hflip else []),
             *_to_normalised_float(mean, std),
         ]
     )

@@ -74,6 +74,9 @@ class AugmentConfig(_Section):
         (0.08, 1.0), description="fine-tuning crop area range"
     )
     blur: bool = True
+    hflip: bool = Field(
+        True, description="random horizontal flips (reference: on); off for digits, whose mirror images are other shapes"
+    )
 
     @model_validator(mode="after")
     def _check_scale(self) -> AugmentConfig:

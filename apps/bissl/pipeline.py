@@ -174,7 +174,7 @@ def validate(cfg: RunConfig, *, batch: int = 4) -> dict[str, Any]:
 
     mean, std = normalization_stats(cfg.data.pretext_name)
     view1, view2 = simclr_views(s, in_channels=c, aspect_ratio_quirk=cfg.augment.aspect_ratio_quirk,
-                                scale=cfg.augment.crop_scale, blur=cfg.augment.blur, mean=mean, std=std)
+                                scale=cfg.augment.crop_scale, blur=cfg.augment.blur, hflip=cfg.augment.hflip, mean=mean, std=std)
     native = spec.native_size or s
     img = torch.randint(0, 256, (c, native, native), dtype=torch.uint8, generator=gen)
     shapes = {tuple(view1(img).shape), tuple(view2(img).shape)}

@@ -111,7 +111,7 @@ def downstream_datasets(cfg: RunConfig, splits: Splits) -> tuple[Dataset, Datase
     train_tf, test_tf = downstream_transforms(
         cfg.data.image_size, in_channels=splits.spec.in_channels,
         aspect_ratio_quirk=cfg.augment.aspect_ratio_quirk, mean=mean, std=std,
-        scale=cfg.augment.downstream_crop_scale)
+        scale=cfg.augment.downstream_crop_scale, hflip=cfg.augment.hflip)
     return (TransformedDataset(splits.train, train_tf), TransformedDataset(splits.train, test_tf),
             TransformedDataset(splits.val, test_tf), TransformedDataset(splits.test, test_tf))
 

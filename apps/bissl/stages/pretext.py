@@ -117,7 +117,7 @@ def run_pretext(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
     mean, std = normalization_stats(cfg.data.pretext_name)
     view1, view2 = simclr_views(cfg.data.image_size, in_channels=splits.spec.in_channels,
                                 aspect_ratio_quirk=cfg.augment.aspect_ratio_quirk,
-                                scale=cfg.augment.crop_scale, blur=cfg.augment.blur,
+                                scale=cfg.augment.crop_scale, blur=cfg.augment.blur, hflip=cfg.augment.hflip,
                                 mean=mean, std=std)
     pairs = TwoViewDataset(splits.pretext, view1, view2)
 
