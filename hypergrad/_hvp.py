@@ -181,7 +181,10 @@ def hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, Tens
     check_compatible(params, V, "params", "tangents", batched_b=True)
     if method == "reverse":
         p = primals(params)
-        return GradientGraph(f(p), p).vjp_batched(V)
+        graph = GradientGraph(f(p), p)
+        if next(iter(V.values())).shape[0] == 1:  # one tangent: a plain backward, no vmap
+            return {k: x.unsqueeze(0) for k, x in graph.vjp({k: t[0] for k, t in V.items()}).items()}
+        return graph.vjp_batched(V)
     if method == "forward":
         return _forward_hvp_batched(f, params, V)
     if method == "finite_difference":

@@ -38,7 +38,9 @@ class LayerwiseCG(Solver):
     :math:`d_\ell^\top (Ad)_\ell` is non-positive (possible even for SPD ``A`` when the tensors
     are coupled); ``min_curvature`` is the Rayleigh quotient of ``A`` along the joint direction.
     The per-tensor recurrence for ``r`` is not :math:`b - Ax` on a coupled operator, so the final
-    residual is recomputed with one extra product (counted in ``num_hvp``).
+    residual is recomputed with one extra product (counted in ``num_hvp``);
+    ``true_residual=False`` saves that product (the reference's cost) and the result is then
+    ``Result.UNCHECKED``, with the recurrence value in ``residual_norm``.
 
     ``on_breakdown`` defaults to ``"continue"`` here, as in the reference code (which never
     checks): a negative per-tensor denominator is common on coupled operators and is reported in
@@ -46,6 +48,7 @@ class LayerwiseCG(Solver):
     """
 
     on_breakdown: BreakdownPolicy = "continue"
+    true_residual: bool = True
 
     requires_symmetric: ClassVar[bool] = True
 
@@ -88,6 +91,8 @@ class LayerwiseCG(Solver):
                 break
         # The per-leaf recurrence is not b - A x once alpha differs across the leaves of a coupled
         # operator: spend one product to report the true final residual.
+        if not self.true_residual:
+            return X, monitor.stats(checked=False)
         if monitor.iterations > 0:
             AX = monitor.product(operator, X)
             true_norm = tree_batch_norm({k: B[k] - AX[k] for k in B})

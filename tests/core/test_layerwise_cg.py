@@ -156,3 +156,14 @@ def test_reported_residual_is_the_true_residual_on_coupled_operator():
     assert torch.allclose(sol.stats.residual_norm, true_res, rtol=1e-3)
     if sol.result is hg.Result.CONVERGED:
         assert true_res <= sol.stats.threshold
+
+
+def test_true_residual_false_saves_the_product_and_says_unchecked():
+    A, b = _bissl_like_system()
+    sol = hg.LayerwiseCG(maxiter=5, tol=0.0, true_residual=False).solve(tree_operator(A), b)
+    with_check = hg.LayerwiseCG(maxiter=5, tol=0.0).solve(tree_operator(A), b)
+    assert sol.stats.num_hvp == 5 and with_check.stats.num_hvp == 6
+    assert sol.result is hg.Result.UNCHECKED
+    assert torch.equal(flatten(sol.value), flatten(with_check.value))
+    expected = reference_layerwise_cg(lambda d: unflatten(A @ flatten(d)), b, 5)
+    assert _rel(sol.value, expected) < 1e-12
