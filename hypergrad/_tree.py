@@ -10,7 +10,7 @@ float32, so bf16/fp16 products never degrade the solver's scalar recurrences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TypeAlias
 
 import torch
@@ -28,16 +28,10 @@ __all__ = [
     "tree_axpy",
     "tree_batch_dot",
     "tree_batch_norm",
-    "tree_clone",
-    "tree_detach",
     "tree_dot",
-    "tree_map",
     "tree_norm",
-    "tree_ravel",
     "tree_scale",
-    "tree_stack",
     "tree_sub",
-    "tree_unbind",
     "tree_zeros_like",
 ]
 
@@ -98,9 +92,6 @@ def check_compatible(
             )
 
 
-def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Tree:
-    """Apply ``fn`` leaf by leaf (keys of ``tree``)."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 
 
 def _keys_values(tree: Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
@@ -170,43 +161,3 @@ def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
 def tree_zeros_like(a: Mapping[str, Tensor]) -> Tree:
     """A tree of zeros shaped like ``a``."""
     return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
-def tree_detach(a: Mapping[str, Tensor]) -> Tree:
-    """Leaves detached from any graph (no copy)."""
-    return {k: v.detach() for k, v in a.items()}
-
-
-def tree_clone(a: Mapping[str, Tensor]) -> Tree:
-    """Detached copies of the leaves."""
-    return {k: v.detach().clone() for k, v in a.items()}
-
-
-def tree_stack(trees: list[Tree]) -> Tree:
-    """Stack k trees into one batched tree (leading dim k)."""
-    if not trees:
-        raise ValueError("tree_stack needs at least one tree")
-    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
-
-
-def tree_unbind(batched: Mapping[str, Tensor]) -> list[Tree]:
-    """Split a batched tree into its k trees."""
-    keys = list(batched)
-    if not keys:
-        return []
-    k = batched[keys[0]].shape[0]
-    return [{key: batched[key][i] for key in keys} for i in range(k)]
-
-
-def tree_ravel(tree: Mapping[str, Tensor]) -> tuple[Tensor, Callable[[Tensor], Tree]]:
-    """Flatten a tree into one vector; return it and the inverse map (for dense checks)."""
-    keys = list(tree)
-    shapes = [tree[k].shape for k in keys]
-    sizes = [tree[k].numel() for k in keys]
-    flat = torch.cat([tree[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
-
-    def unravel(vec: Tensor) -> Tree:
-        parts = torch.split(vec, sizes)
-        return {k: p.reshape(s) for k, p, s in zip(keys, parts, shapes, strict=True)}
-
-    return flat, unravel

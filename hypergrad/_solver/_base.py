@@ -211,9 +211,9 @@ def safe_divide(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, num / torch.where(mask, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def initial_residual(monitor_free_operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, Tree, int]:
+def initial_residual(operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, Tree, int]:
     """``(X, R = B - A X, products used)`` for a zero or given initial guess."""
     if X0 is None:
         return {k: torch.zeros_like(v) for k, v in B.items()}, dict(B), 0
-    AX = monitor_free_operator.matmat(X0)
+    AX = operator.matmat(X0)
     return dict(X0), {k: B[k] - AX[k] for k in B}, _batch_size(B)
