@@ -2,7 +2,7 @@
 
 Hessian-vector products (:func:`hvp`, :class:`HessianOperator`), linear operators on trees of
 tensors, solvers that report what happened (:class:`CG`, :class:`LayerwiseCG`, :class:`Neumann`,
-:class:`MINRES`, :class:`Identity`, :class:`NystromPreconditioner`), and implicit
+:class:`MINRES`, :class:`GMRES`, :class:`Identity`, :class:`NystromPreconditioner`), and implicit
 differentiation (:func:`implicit_grad`, :func:`fixed_point_grad`, :func:`darts_grad`,
 :func:`custom_root`).
 """
@@ -29,7 +29,7 @@ from ._operator import (
 )
 from ._preconditioner import NystromPreconditioner
 from ._solution import Result, Solution, SolveStats
-from ._solver import CG, MINRES, Identity, LayerwiseCG, Neumann, Solver
+from ._solver import CG, GMRES, MINRES, Identity, LayerwiseCG, Neumann, Solver
 from ._tree import Tree
 from .distributed import DistributedOperator, all_reduce_mean
 
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "GMRES",
     "MINRES",
     "DampedOperator",
     "DistributedOperator",

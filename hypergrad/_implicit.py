@@ -219,7 +219,8 @@ def fixed_point_grad(
         outer: the outer variables.
         solver: default ``Neumann(maxiter=50, alpha=1)`` — the fixed-point iteration
             :math:`u \leftarrow \partial_i F + (\partial_i T)^\top u` itself, which converges
-            when ``T`` is a contraction. CG/MINRES need ``symmetric=True``.
+            when ``T`` is a contraction; :class:`hypergrad.GMRES` does not need that.
+            CG/MINRES need ``symmetric=True``.
         symmetric: declare :math:`\partial_i T` symmetric (true when
             :math:`T = i - \eta \nabla_i L`).
         distributed: as in :func:`implicit_grad`.

@@ -2,9 +2,10 @@
 
 from ._base import Solver
 from .cg import CG
+from .gmres import GMRES
 from .identity import Identity
 from .layerwise_cg import LayerwiseCG
 from .minres import MINRES
 from .neumann import Neumann
 
-__all__ = ["CG", "MINRES", "Identity", "LayerwiseCG", "Neumann", "Solver"]
+__all__ = ["CG", "GMRES", "MINRES", "Identity", "LayerwiseCG", "Neumann", "Solver"]

@@ -1,0 +1,78 @@
+r"""GMRES for general (non-symmetric) systems, e.g. fixed-point hypergradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._operator import LinearOperator
+from .._solution import SolveStats
+from .._tree import Tree, tree_axpy, tree_batch_dot, tree_batch_norm, tree_scale
+from ._base import Monitor, Solver, initial_residual, safe_divide
+
+__all__ = ["GMRES"]
+
+
+@dataclass(frozen=True)
+class GMRES(Solver):
+    r"""Generalised minimal residual method (Saad & Schultz), batched over right-hand sides.
+
+    Builds an orthonormal basis :math:`V` of the Krylov space by Arnoldi with modified
+    Gram-Schmidt, and picks :math:`x = x_0 + V y` minimising :math:`\|b - A x\|`; Givens
+    rotations keep that least-squares problem triangular, so the residual norm is known after
+    every iteration at no extra cost. One product per iteration; no symmetry needed, so it
+    suits :func:`hypergrad.fixed_point_grad` when the fixed-point map is not a contraction
+    (where :class:`Neumann` diverges). Memory grows as ``maxiter`` trees (no restarts): keep
+    ``maxiter`` modest for large models.
+    """
+
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+        X, R, used = initial_residual(operator, B, X0)
+        monitor = Monitor(self, B, R, num_hvp=used)
+        beta = tree_batch_norm(R)  # (k,)
+        tiny = torch.finfo(beta.dtype).tiny
+        basis = [tree_scale(R, safe_divide(torch.ones_like(beta), beta, beta > tiny))]
+        k, m = beta.shape[0], self.maxiter
+        hess = beta.new_zeros(k, m + 1, m)  # rotated Hessenberg matrix, upper triangular part
+        cs, sn = beta.new_zeros(k, m), beta.new_zeros(k, m)
+        g = beta.new_zeros(k, m + 1)
+        g[:, 0] = beta
+        steps = 0
+        for j in range(m):
+            W = monitor.product(operator, basis[j])
+            column = []
+            for i in range(j + 1):  # modified Gram-Schmidt
+                h = tree_batch_dot(W, basis[i])
+                W = tree_axpy(-h, basis[i], W)
+                column.append(h)
+            norm = tree_batch_norm(W)
+            column.append(norm)
+            basis.append(tree_scale(W, safe_divide(torch.ones_like(norm), norm, norm > tiny)))
+            col = torch.stack(column, dim=1)  # (k, j + 2)
+            for i in range(j):  # previous rotations
+                a, b = col[:, i].clone(), col[:, i + 1].clone()
+                col[:, i] = cs[:, i] * a + sn[:, i] * b
+                col[:, i + 1] = -sn[:, i] * a + cs[:, i] * b
+            denom = torch.hypot(col[:, j], col[:, j + 1])
+            ok = denom > tiny
+            cs[:, j] = torch.where(ok, col[:, j] / denom.clamp_min(tiny), torch.ones_like(denom))
+            sn[:, j] = torch.where(ok, col[:, j + 1] / denom.clamp_min(tiny), torch.zeros_like(denom))
+            col[:, j] = torch.where(ok, denom, col[:, j])
+            col[:, j + 1] = 0
+            hess[:, : j + 2, j] = col
+            g[:, j + 1] = -sn[:, j] * g[:, j]
+            g[:, j] = cs[:, j] * g[:, j]
+            steps = j + 1
+            if monitor.step(g[:, j + 1].abs()):
+                break
+        if steps > 0:
+            upper = hess[:, :steps, :steps]
+            # A zero pivot means the Krylov space became invariant (the solve is exact there):
+            # use 1 to keep the triangular solve finite; its right-hand side entry is 0.
+            diag = torch.diagonal(upper, dim1=1, dim2=2)
+            upper = upper + torch.diag_embed(torch.where(diag.abs() > tiny, 0.0, 1.0).to(upper.dtype))
+            y = torch.linalg.solve_triangular(upper, g[:, :steps, None], upper=True)[..., 0]  # (k, steps)
+            for i in range(steps):
+                X = tree_axpy(y[:, i], basis[i], X)
+        return X, monitor.stats()
