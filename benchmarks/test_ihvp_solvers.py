@@ -145,6 +145,7 @@ def cases(problem: Problem) -> list[Case]:
                  lambda p, k=k: (hg.Neumann(maxiter=k, tol=0.0, alpha=p.neumann_alpha), 0)),
             Case("LayerwiseCG", k, lambda p, k=k: (hg.LayerwiseCG(maxiter=k, tol=0.0), 0)),
             Case("MINRES", k, lambda p, k=k: (hg.MINRES(maxiter=k, tol=0.0), 0)),
+            Case("GMRES", k, lambda p, k=k: (hg.GMRES(maxiter=k, tol=0.0), 0)),
             Case("CG", k, lambda p, k=k: (hg.CG(maxiter=k, tol=0.0), 0)),
             Case(f"CG + Nystrom(rank {rank})", k, _nystrom_cg(k, rank)),
         ]

@@ -14,6 +14,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -110,6 +111,7 @@ def _from_args(args: argparse.Namespace, raw: dict | None) -> RunConfig:
 
 def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
     from bissl import pipeline
+    from bissl.data import DatasetNotFoundError
     from bissl.distributed import broadcast_object, init_distributed, shutdown
     from bissl.rundir import RunDir
 
@@ -125,13 +127,20 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
             raise ConfigError(f"--run-dir {args.run_dir} does not exist; `bissl {args.command}` "
                               "works on a run made by `bissl pretrain` (or `bissl run`). "
                               "Fix: pass the run dir of an earlier pretrain")
+        fresh = not args.run_dir.exists()
         run = RunDir.create(args.run_dir, cfg, writer=info.is_main)
         if info.is_main:
             print(f"run dir: {run.path}", flush=True)
         stage = {"pretrain": pipeline.pretrain, "finetune": pipeline.finetune_once,
                  "search": pipeline.search, "evaluate": pipeline.evaluate,
                  "run": pipeline.run_conventional}[args.command]
-        stage(cfg, run, info, resume=args.resume)
+        try:
+            stage(cfg, run, info, resume=args.resume)
+        except (ConfigError, DatasetNotFoundError):
+            # Rejected before any work: leave no empty run directory behind.
+            if fresh and info.is_main and not any((run.path / "checkpoints").iterdir()):
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
     finally:
         shutdown(info)
 

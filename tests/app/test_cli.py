@@ -77,3 +77,10 @@ def test_console_script_module_entry() -> None:
     proc = subprocess.run([sys.executable, "-m", "bissl.cli", "--help"], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 0 and "pretrain" in proc.stdout
+
+
+def test_rejected_run_leaves_no_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "r"
+    assert main(["run", "--set", "pretext.batch_size=100000", "--run-dir", str(run_dir)]) == 2
+    assert "pretext.batch_size" in capsys.readouterr().err
+    assert not run_dir.exists()
