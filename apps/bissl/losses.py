@@ -6,10 +6,10 @@ Public names: :func:`nt_xent`, :class:`NTXentLoss`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,13 +23,29 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0, e.g. 0.5")
 
 
-def _gather(z: Tensor) -> Tensor:
-    """Concatenate ``z`` (n, D) from all ranks in rank order -> (W * n, D), differentiable.
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather with a gradient: forward concatenates every rank's (n, D) rows in rank order;
+    backward sums the gathered gradient over ranks (every rank's loss uses every row) and
+    returns this rank's n rows."""
 
-    The backward pass sums each rank's gradient contributions onto the owning rank
-    (``torch.distributed.nn.functional.all_gather``).
-    """
-    return torch.cat(dist_fn.all_gather(z), dim=0)
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> Tensor:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        ctx.rows = (dist.get_rank() * z.shape[0], z.shape[0])
+        return torch.cat(parts, dim=0)  # (W * n, D)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start, n = ctx.rows
+        return grad[start : start + n]
+
+
+def _gather(z: Tensor) -> Tensor:
+    """Concatenate ``z`` (n, D) from all ranks in rank order -> (W * n, D), differentiable."""
+    return _GatherWithGrad.apply(z)
 
 
 def nt_xent(
