@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._hvp import GradientGraph, HVPMethod, primals
-from ._operator import DampedOperator, HessianOperator, LinearOperator
+from ._implicit import lower_hessian
 from ._solution import SolveStats
 from ._solver import CG, Solver
 from ._tree import Tree
@@ -40,18 +40,10 @@ class _ImplicitRoot(torch.autograd.Function):
         with torch.enable_grad():
             pi, po = primals(inner), primals(outer)
             graph = GradientGraph(spec["lower_loss"](pi, po), pi)
-            outer_d = {k: x.detach() for k, x in outer.items()}
-            inner_d = {k: x.detach() for k, x in inner.items()}
-
-            def f(p: Tree) -> Tensor:
-                return spec["lower_loss"](p, outer_d)
-
-            operator: LinearOperator = (
-                HessianOperator.from_graph(graph, f, inner_d) if spec["hvp_method"] == "reverse"
-                else HessianOperator(f, inner_d, method=spec["hvp_method"])
+            operator = lower_hessian(
+                spec["lower_loss"], graph, {k: x.detach() for k, x in inner.items()},
+                {k: x.detach() for k, x in outer.items()}, method=spec["hvp_method"], damping=spec["damping"],
             )
-            if spec["damping"] > 0:
-                operator = DampedOperator(operator, spec["damping"], 1.0)
             solution = spec["solver"].solve(operator, v)
             cross = graph.vjp(solution.value, to=po)
         if spec["on_solve"] is not None:

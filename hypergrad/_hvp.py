@@ -86,10 +86,13 @@ class VJPGraph:
     def vjp_batched(self, V: Mapping[str, Tensor], to: Tree | None = None) -> Tree:
         """Like :meth:`vjp` for k trees stacked on a leading dimension (one batched backward).
 
-        Falls back to a loop over the k trees if an operation lacks a batching rule.
+        One tree (k = 1) takes a plain backward; otherwise falls back to a loop over the k trees
+        if an operation lacks a batching rule.
         """
         to = self.wrt if to is None else to
         keys, tkeys = list(self.outputs), list(to)
+        if next(iter(V.values())).shape[0] == 1:  # a plain backward is cheaper than vmap over one
+            return {k: x.unsqueeze(0) for k, x in self.vjp({k: t[0] for k, t in V.items()}, to).items()}
         if self._batched_ok:
             try:
                 out = _grads([self.outputs[k] for k in keys], [to[k] for k in tkeys], [V[k] for k in keys],
@@ -119,7 +122,6 @@ class GradientGraph(VJPGraph):
         keys = list(wrt)
         g = _grads([_check_scalar(loss, "the objective")], [wrt[k] for k in keys], None, create_graph=True)
         super().__init__(dict(zip(keys, g, strict=True)), wrt)
-        self.loss = loss
 
     @property
     def grad(self) -> Tree:
@@ -181,10 +183,7 @@ def hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, Tens
     check_compatible(params, V, "params", "tangents", batched_b=True)
     if method == "reverse":
         p = primals(params)
-        graph = GradientGraph(f(p), p)
-        if next(iter(V.values())).shape[0] == 1:  # one tangent: a plain backward, no vmap
-            return {k: x.unsqueeze(0) for k, x in graph.vjp({k: t[0] for k, t in V.items()}).items()}
-        return graph.vjp_batched(V)
+        return GradientGraph(f(p), p).vjp_batched(V)
     if method == "forward":
         return _forward_hvp_batched(f, params, V)
     if method == "finite_difference":

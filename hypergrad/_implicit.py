@@ -103,6 +103,20 @@ def _fd_mixed(lower_loss: Loss2, inner: Tree, outer: Tree, u: Tree, eps: float |
             for k in outer}
 
 
+def lower_hessian(lower_loss: Loss2, graph: GradientGraph, inner: Tree, outer: Tree, *,
+                  method: HVPMethod, damping: float, fd_eps: float | None = None) -> LinearOperator:
+    r""":math:`\nabla^2_{ii} L + \delta I` at ``(inner, outer)``; reverse mode reuses ``graph``."""
+
+    def f(p: Tree) -> Tensor:
+        return lower_loss(p, outer)
+
+    operator: LinearOperator = (
+        HessianOperator.from_graph(graph, f, inner) if method == "reverse"
+        else HessianOperator(f, inner, method=method, fd_eps=fd_eps)
+    )
+    return DampedOperator(operator, damping, 1.0) if damping > 0 else operator
+
+
 def implicit_grad(
     lower_loss: Loss2,
     upper_loss: Loss2,
@@ -174,12 +188,8 @@ def implicit_grad(
 
     inner_d = {k: x.detach() for k, x in inner.items()}
     outer_d = {k: x.detach() for k, x in outer.items()}
-    if hvp_method == "reverse":
-        operator: LinearOperator = HessianOperator.from_graph(graph, lambda p: lower_loss(p, outer_d), inner_d)
-    else:
-        operator = HessianOperator(lambda p: lower_loss(p, outer_d), inner_d, method=hvp_method, fd_eps=fd_eps)
-    if damping > 0:
-        operator = DampedOperator(operator, damping, 1.0)
+    operator = lower_hessian(lower_loss, graph, inner_d, outer_d, method=hvp_method, damping=damping,
+                             fd_eps=fd_eps)
     if distributed:
         operator = DistributedOperator(operator, group)
 

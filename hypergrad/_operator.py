@@ -103,10 +103,7 @@ class HessianOperator(LinearOperator):
 
     def _products(self, X: Tree) -> Tree:
         if self.method == "reverse" and self.reuse_graph:
-            graph = self.gradient_graph()
-            if next(iter(X.values())).shape[0] == 1:
-                return {k: v.unsqueeze(0) for k, v in graph.vjp({k: x[0] for k, x in X.items()}).items()}
-            return graph.vjp_batched(X)
+            return self.gradient_graph().vjp_batched(X)
         return hvp_batched(self.f, self.params, X, method=self.method, fd_eps=self.fd_eps)
 
 
