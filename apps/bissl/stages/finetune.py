@@ -43,6 +43,7 @@ from bissl.stages._common import (
     start_or_resume,
     training_state,
 )
+from bissl.stages.pretext import pretext_backbone_state
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,7 @@ def finetune_model(cfg: RunConfig, run: RunDir, splits: Splits, *, seed: int) ->
     if cfg.finetune.head_init == "warmup" and cfg.warmup.epochs > 0:
         model.load_state_dict(load_checkpoint(run.checkpoint("warmup-final"))["last"])
     else:
-        backbone = load_checkpoint(run.checkpoint("pretext-final"))["backbone"]
-        model.backbone.load_state_dict(backbone)
+        model.backbone.load_state_dict(pretext_backbone_state(run))
     return model
 
 

@@ -9,14 +9,12 @@ BiSSL stage (part 2) and, with ``finetune.head_init: warmup``, of fine-tuning.
 
 from __future__ import annotations
 
-import torch
-
 from bissl.config import RunConfig
 from bissl.distributed import DistInfo
 from bissl.rundir import RunDir
 from bissl.stages._common import Splits, StepHook, new_classifier, seed_everything
 from bissl.stages.finetune import TrainResult, TrainSettings, train_classifier
-from bissl.stages.pretext import load_pretext_backbone
+from bissl.stages.pretext import pretext_backbone_state
 
 STAGE = "warmup"
 
@@ -28,9 +26,8 @@ def run_linear_warmup(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Split
     if w.epochs == 0:
         return None
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
-    torch.manual_seed(cfg.seed)
     model = new_classifier(cfg, splits.spec)
-    model.backbone.load_state_dict(load_pretext_backbone(cfg, run, splits.spec.in_channels).state_dict())
+    model.backbone.load_state_dict(pretext_backbone_state(run))
     settings = TrainSettings(lr=w.lr, weight_decay=w.weight_decay, momentum=w.momentum,
                              epochs=w.epochs, batch_size=w.batch_size, seed=cfg.seed,
                              schedule="constant", freeze_backbone=True,

@@ -164,8 +164,6 @@ def run_pretext(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
     return final
 
 
-def load_pretext_backbone(cfg: RunConfig, run: RunDir, in_channels: int) -> nn.Module:
-    """Backbone with the weights of ``pretext-final.pt``."""
-    backbone, _ = new_backbone(cfg, in_channels)
-    backbone.load_state_dict(load_checkpoint(run.checkpoint(f"{STAGE}-final"))["backbone"])
-    return backbone
+def pretext_backbone_state(run: RunDir) -> dict[str, Tensor]:
+    """The backbone weights (and BN buffers) of ``pretext-final.pt``."""
+    return load_checkpoint(run.checkpoint(f"{STAGE}-final"))["backbone"]
