@@ -14,7 +14,7 @@ from bissl.config import load_config, validate_config
 from bissl.distributed import DistInfo
 from bissl.rundir import RunDir
 from bissl.stages._common import load_splits
-from bissl.stages.pretext import build_simclr, load_pretext_backbone, probe_metrics
+from bissl.stages.pretext import build_simclr, pretext_backbone_state, probe_metrics
 
 TINY = ["pretext.epochs=8", "pretext.warmup_epochs=1", "pretext.batch_size=128",
         "pretext.eval_every_epochs=4", "warmup.epochs=1", "finetune.epochs=2", "search.trials=2",
@@ -57,7 +57,8 @@ def test_tiny_pipeline_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[s
     splits = load_splits(cfg, info)
     torch.manual_seed(cfg.seed)
     random_init = build_simclr(cfg, splits.spec.in_channels).backbone
-    trained = load_pretext_backbone(cfg, RunDir(run_dir), splits.spec.in_channels)
+    trained = build_simclr(cfg, splits.spec.in_channels).backbone
+    trained.load_state_dict(pretext_backbone_state(RunDir(run_dir)))
     assert not torch.equal(next(random_init.parameters()), next(trained.parameters()))
     ssl = probe_metrics(cfg, trained, splits, info)["probe_acc"]
     rnd = probe_metrics(cfg, random_init, splits, info)["probe_acc"]
