@@ -6,6 +6,7 @@ Examples::
     bissl run -c fashion-mnist --data-root DATA
     bissl pretrain -c digits --set pretext.epochs=5 --run-dir runs/a
     bissl pretrain --run-dir runs/a --resume    # continue a killed run (config read from runs/a)
+    bissl bilevel --run-dir runs/a              # BiSSL stage on runs/a's pretext checkpoint
     bissl search --run-dir runs/a               # fine-tuning search + seeds on runs/a's backbone
     bissl validate -c stl10-paper               # check config + dry run on random tensors
     torchrun --nproc-per-node 2 -m bissl.cli pretrain -c digits --run-dir runs/ddp
@@ -33,6 +34,8 @@ from bissl.config import (
 
 _COMMANDS = {
     "pretrain": "SimCLR pretext training (logs kNN accuracy and a linear probe every few epochs)",
+    "bilevel": "the BiSSL stage (alternating pretext and downstream steps with implicit gradients) "
+               "on a run dir holding a pretext checkpoint; runs the linear warm-up first if missing",
     "finetune": "linear warm-up, then one fine-tuning run at finetune.lr / finetune.weight_decay",
     "search": "Optuna random search over fine-tuning (lr, wd), then search.seeds runs at the best",
     "evaluate": "test accuracy of the fine-tuned models in a run directory (mean ± std)",
@@ -131,7 +134,8 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
         run = RunDir.create(args.run_dir, cfg, writer=info.is_main)
         if info.is_main:
             print(f"run dir: {run.path}", flush=True)
-        stage = {"pretrain": pipeline.pretrain, "finetune": pipeline.finetune_once,
+        stage = {"pretrain": pipeline.pretrain, "bilevel": pipeline.bilevel,
+                 "finetune": pipeline.finetune_once,
                  "search": pipeline.search, "evaluate": pipeline.evaluate,
                  "run": pipeline.run_conventional}[args.command]
         try:

@@ -104,6 +104,13 @@ class PretextConfig(_Section):
     trust_coefficient: float = Field(0.001, gt=0.0)
     lars_exclude_bias_and_norm: bool = True
     temperature: float = Field(0.5, gt=0.0)
+    view_passes: Literal["separate", "joint"] = Field(
+        "separate",
+        description="how the two SimCLR views go through backbone and projector: 'separate' "
+        "forward passes (reference: BatchNorm statistics per view) or one 'joint' pass over "
+        "both views (BatchNorm statistics over 2n images). The loss, and so its Hessian, differ; "
+        "one field governs pretext training, the BiSSL lower steps and the BiSSL Hessian alike",
+    )
     warmup_epochs: int = Field(10, ge=0, description="linear warm-up, in pretext epochs' steps")
     final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0)
     grad_clip: float | None = Field(None, gt=0.0)
@@ -195,8 +202,77 @@ class EvalConfig(_Section):
     topk: tuple[int, ...] = (1, 5)
 
 
+SolverName = Literal["cg", "layerwise_cg", "minres", "neumann", "nystrom_pcg", "identity"]
+
+
+class BiSSLConfig(_Section):
+    r"""The BiSSL stage: alternating lower (pretext) and upper (downstream) steps.
+
+    Lower: LARS steps on the pretext loss + (lam/2)||theta_P - theta_D||^2. Upper: SGD steps on
+    the downstream loss with the implicit gradient x solving (I + H/(lam + delta)) x = v.
+    """
+
+    alternations: int = Field(500, ge=1, description="number of alternations (reference: 500)")
+    lower_steps: int = Field(20, ge=1, description="lower (pretext) steps per alternation (reference: 20)")
+    upper_steps: int = Field(8, ge=1, description="upper (downstream) steps per alternation (reference: 8)")
+    lam: float = Field(0.001, gt=0.0, description="lambda: strength of the proximal term coupling theta_P to theta_D (reference: 0.001)")
+    delta: float = Field(10.0, ge=0.0, description="damping delta of the solved system (I + H/(lam+delta)) x = v (reference: 10)")
+    gamma: float = Field(0.01, ge=0.0, description="weight of the downstream loss at theta_D in the upper objective (reference v2: 0.01)")
+    lower_batch_size: int = Field(1024, ge=2, description="global pretext batch of image pairs for the lower steps (reference: 1024)")
+    lower_lr: float = Field(1.0, gt=0.0, description="LARS base learning rate of the lower steps (reference: 1.0)")
+    lower_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="LARS momentum of the lower steps")
+    lower_weight_decay: float = Field(1e-6, ge=0.0, description="LARS weight decay of the lower steps (reference: 1e-6)")
+    lower_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up of the lower schedule, in lower steps")
+    lower_final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine end point of the lower schedule, as a fraction of lower_lr")
+    lower_grad_clip: float | None = Field(10.0, gt=0.0, description="gradient-norm clipping of the lower steps (backbone + projector; reference: 10)")
+    upper_batch_size: int = Field(256, ge=1, description="downstream batch of the upper steps (reference: 256)")
+    upper_lr: float = Field(0.015, gt=0.0, description="SGD learning rate of the upper steps (reference: 0.015)")
+    upper_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum of the upper steps")
+    upper_weight_decay: float = Field(0.01, ge=0.0, description="SGD weight decay of the upper steps (reference: 0.01)")
+    upper_final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine end point of the upper schedule, as a fraction of upper_lr")
+    upper_grad_clip: float | None = Field(10.0, gt=0.0, description="gradient-norm clipping of the upper steps (backbone + head; reference: 10)")
+    solver: SolverName = Field("cg", description="IHVP solver: cg (default), layerwise_cg (reference), minres, neumann, nystrom_pcg (CG preconditioned with a Nystrom sketch of H), identity (x = v: the ablation)")
+    solver_iterations: int = Field(5, ge=0, description="solver iterations per upper step (reference: 5); each costs one HVP")
+    solver_tol: float = Field(0.0, ge=0.0, description="relative residual tolerance; 0 runs exactly solver_iterations with no host synchronisation")
+    nystrom_rank: int = Field(8, ge=1, description="sketch size of nystrom_pcg (HVPs spent once per alternation)")
+    neumann_alpha: float = Field(1.0, gt=0.0, description="step size of the neumann solver (needs alpha < 2 / lambda_max of the damped operator)")
+    hessian_batch_size: int | None = Field(None, ge=2, description="pretext pairs in the Hessian batch drawn once per alternation; None = lower_batch_size (reference)")
+    reuse_graph: bool = Field(True, description="build the pretext gradient graph once per alternation and reuse it for every HVP; false rebuilds it per HVP as the reference")
+    warm_start: bool = Field(False, description="start each solve from the previous upper step's solution (one extra HVP)")
+    hvp_updates_bn: bool = Field(False, description="every HVP forward updates theta_P's BatchNorm running statistics (reference behaviour); false leaves them untouched")
+    handover: Literal["lower", "upper"] = Field("lower", description="backbone handed to fine-tuning: theta_P ('lower', reference) or theta_D ('upper')")
+    on_bad_solve: Literal["skip", "stop"] = Field("skip", description="a non-finite or broken-down solve: 'skip' that upper step (logged) or 'stop' the stage at the last checkpoint with an error")
+    checkpoint_every_alternations: int = Field(1, ge=1, description="write the stage checkpoint every this many alternations")
+    eval_every_alternations: int = Field(0, ge=0, description="validation accuracy of theta_P + head every this many alternations (0: only at the end)")
+
+    @model_validator(mode="after")
+    def _check_solver(self) -> BiSSLConfig:
+        if self.solver == "identity" and self.warm_start:
+            raise ValueError("bissl.warm_start: true has no effect with bissl.solver=identity. "
+                             "Fix: --set bissl.warm_start=false")
+        if self.solver != "identity" and self.solver_iterations == 0:
+            raise ValueError(f"bissl.solver_iterations: 0 with bissl.solver={self.solver!r} returns x = 0. "
+                             "Fix: --set bissl.solver_iterations=5, or bissl.solver=identity for x = v")
+        return self
+
+    @property
+    def hessian_batch(self) -> int:
+        """Pairs in the Hessian batch."""
+        return self.hessian_batch_size or self.lower_batch_size
+
+    @property
+    def total_lower_steps(self) -> int:
+        """Lower steps of the whole stage (= the conventional arm's extra pretext steps)."""
+        return self.alternations * self.lower_steps
+
+    @property
+    def total_upper_steps(self) -> int:
+        """Upper steps of the whole stage (= the conventional+ arm's extra supervised steps)."""
+        return self.alternations * self.upper_steps
+
+
 class RunConfig(_Section):
-    """The whole run. Part 2 adds a ``bissl:`` section here (layerwise_cg, hvp_updates_bn, ...)."""
+    """The whole run: one section per stage (``bissl:`` is the BiSSL stage)."""
 
     name: str = "digits"
     seed: int = Field(0, ge=0)
@@ -212,6 +288,7 @@ class RunConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    bissl: BiSSLConfig = Field(default_factory=BiSSLConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -378,6 +455,9 @@ def check_data_sizes(cfg: RunConfig, sizes: Mapping[str, int], world_size: int =
         ("pretext.batch_size", cfg.pretext.batch_size, "pretext"),
         ("warmup.batch_size", cfg.warmup.batch_size if cfg.warmup.epochs else 0, "train"),
         ("finetune.batch_size", cfg.finetune.batch_size, "train"),
+        ("bissl.lower_batch_size", cfg.bissl.lower_batch_size, "pretext"),
+        ("bissl.hessian_batch_size", cfg.bissl.hessian_batch, "pretext"),
+        ("bissl.upper_batch_size", cfg.bissl.upper_batch_size, "train"),
     ]
     for field, batch, split in checks:
         n = sizes.get(split)

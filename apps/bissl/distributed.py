@@ -117,6 +117,22 @@ def epoch_batches(num_items: int, global_batch: int, *, epoch: int, seed: int, i
     return [indices[i:i + local_batch] for i in range(0, stop, local_batch)]
 
 
+def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Replace every ``p.grad`` by its mean over ranks (what DDP does, in one collective).
+
+    Used where the forward is a functional call (:mod:`bissl.pretext_loss`) rather than a
+    DDP-wrapped module. Parameters without a gradient are skipped.
+    """
+    if not info.distributed:
+        return
+    import hypergrad
+
+    with_grad = {str(i): p for i, p in enumerate(params) if p.grad is not None}
+    mean = hypergrad.all_reduce_mean({k: p.grad for k, p in with_grad.items()})  # type: ignore[misc]
+    for k, p in with_grad.items():
+        p.grad = mean[k]
+
+
 def prepare_model(model: nn.Module, info: DistInfo, *, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     """Move to the device, convert BN to SyncBN (GPU only) and wrap in DDP when distributed.
 

@@ -21,14 +21,14 @@ from bissl.augment import normalization_stats, simclr_views
 from bissl.config import RunConfig, check_data_sizes
 from bissl.data import DATASETS, DatasetNotFoundError
 from bissl.distributed import DistInfo
-from bissl.losses import NTXentLoss
 from bissl.optim import LARS, lars_param_groups
 from bissl.rundir import RunDir
 from bissl.stages._common import Splits, StepHook, load_splits, new_classifier
+from bissl.stages.bilevel import dry_run, run_bissl
 from bissl.stages.evaluate import run_evaluate
 from bissl.stages.finetune import run_finetune
 from bissl.stages.linear_warmup import run_linear_warmup
-from bissl.stages.pretext import build_simclr, run_pretext
+from bissl.stages.pretext import build_simclr, run_pretext, training_loss
 from bissl.stages.search import run_search
 
 
@@ -38,6 +38,18 @@ def pretrain(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = Fals
     splits = load_splits(cfg, info)
     run_pretext(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     run.write_plots()
+
+
+def bilevel(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
+            step_hook: StepHook | None = None) -> None:
+    """``bissl bilevel``: the BiSSL stage on a run's pretext checkpoint (warm-up run if missing)."""
+    splits = load_splits(cfg, info)
+    _require_pretext(run)
+    warm = run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
+    stage = run_bissl(cfg, run, info, splits, resume=resume, step_hook=step_hook)
+    if info.is_main:
+        run.write_plots()
+    del warm, stage
 
 
 def finetune_once(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False) -> None:
@@ -188,8 +200,7 @@ def validate(cfg: RunConfig, *, batch: int = 4) -> dict[str, Any]:
                lr=p.effective_lr(), momentum=p.momentum, weight_decay=p.weight_decay,
                trust_coefficient=p.trust_coefficient)
     x = torch.randn(2 * batch, c, s, s, generator=gen)
-    z = net(x)
-    loss = NTXentLoss(p.temperature)(z[:batch], z[batch:])
+    loss = training_loss(cfg, net)(dict(net.backbone.named_parameters()), (x[:batch], x[batch:]))
     loss.backward()
     opt.step()
     out["pretext_loss"], out["pretext_step_s"] = loss.item(), time.perf_counter() - t0
@@ -204,6 +215,15 @@ def validate(cfg: RunConfig, *, batch: int = 4) -> dict[str, Any]:
     ce.backward()
     sgd.step()
     out["finetune_loss"], out["finetune_step_s"] = ce.item(), time.perf_counter() - t0
+    bissl = dry_run(cfg, spec, batch=batch, generator=gen)
+    out.update({f"bissl_{k}": v for k, v in bissl.items()})
+    b = cfg.bissl
+    print(f"BiSSL dry run OK ({b.solver}, {int(bissl['hvp_per_solve'])} HVPs per solve): lower step "
+          f"{bissl['lower_step_s']:.2f} s, HVP {bissl['hvp_s']:.2f} s, upper step {bissl['upper_step_s']:.2f} s "
+          f"at batch {batch}; projected {bissl['projected_alternation_s']:.1f} s per alternation at batch "
+          f"sizes lower {b.lower_batch_size} / Hessian {b.hessian_batch} / upper {b.upper_batch_size} "
+          f"(linear in batch size, this machine), {b.alternations} alternations ~ "
+          f"{bissl['projected_alternation_s'] * b.alternations / 3600:.1f} h")
     for name, value in out.items():
         if not torch.isfinite(torch.tensor(value)):
             raise RuntimeError(f"dry run: {name} is not finite ({value})")

@@ -17,11 +17,11 @@ from tqdm import tqdm
 from bissl.augment import TwoViewDataset, normalization_stats, simclr_views
 from bissl.checkpoint import load_checkpoint, save_checkpoint
 from bissl.config import RunConfig
-from bissl.distributed import DistInfo, barrier, epoch_batches, on_main, prepare_model
-from bissl.losses import NTXentLoss
+from bissl.distributed import DistInfo, average_gradients, barrier, epoch_batches, on_main
 from bissl.metrics import extract_features, knn_accuracy, linear_probe_accuracy
 from bissl.models import Projector
 from bissl.optim import LARS, lars_param_groups, warmup_cosine
+from bissl.pretext_loss import PretextLoss, simclr_loss
 from bissl.rundir import RunDir
 from bissl.stages._common import (
     SeededItems,
@@ -56,6 +56,21 @@ def build_simclr(cfg: RunConfig, in_channels: int) -> SimCLRNet:
     backbone, feat_dim = new_backbone(cfg, in_channels)
     projector = Projector(feat_dim, cfg.model.projector_hidden_dim, cfg.model.projector_out_dim)
     return SimCLRNet(backbone, projector)
+
+
+def training_loss(cfg: RunConfig, net: SimCLRNet) -> PretextLoss:
+    """The pretext loss as trained: BatchNorm statistics updated, negatives from every rank."""
+    return simclr_loss(net, temperature=cfg.pretext.temperature, view_passes=cfg.pretext.view_passes,
+                       update_buffers=True)
+
+
+def prepare_simclr(net: SimCLRNet, cfg: RunConfig, info: DistInfo) -> SimCLRNet:
+    """Move to the device; SyncBN when distributed on GPU (no DDP wrapper: the forward is a
+    functional call and gradients are averaged by :func:`bissl.distributed.average_gradients`)."""
+    net = net.to(info.device)
+    if info.distributed and cfg.model.sync_bn and info.device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # type: ignore[assignment]
+    return net
 
 
 def probe_metrics(cfg: RunConfig, backbone: nn.Module, splits: Splits,
@@ -94,8 +109,7 @@ def run_pretext(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
     p = cfg.pretext
 
     # Model, optimiser, schedule (global batch; each rank sees batch // world pairs per step).
-    net = build_simclr(cfg, splits.spec.in_channels)
-    model, bare = prepare_model(net, info, sync_bn=cfg.model.sync_bn)
+    bare = prepare_simclr(build_simclr(cfg, splits.spec.in_channels), cfg, info)
     optimizer = LARS(lars_param_groups(bare, exclude_bias_and_norm=p.lars_exclude_bias_and_norm),
                      lr=p.effective_lr(), momentum=p.momentum, weight_decay=p.weight_decay,
                      trust_coefficient=p.trust_coefficient)
@@ -103,7 +117,9 @@ def run_pretext(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
     total = p.epochs * steps_per_epoch
     scheduler = warmup_cosine(optimizer, warmup_steps=p.warmup_epochs * steps_per_epoch,
                               total_steps=total, final_lr_ratio=p.final_lr_ratio)
-    loss_fn = NTXentLoss(p.temperature)
+    loss_fn = training_loss(cfg, bare)
+    backbone_params = dict(bare.backbone.named_parameters())
+    params = list(bare.parameters())
 
     step = 0
     if state is not None:
@@ -129,15 +145,15 @@ def run_pretext(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
     for epoch in range(step // steps_per_epoch, p.epochs):
         batches = epoch_batches(len(pairs), p.batch_size, epoch=epoch, seed=cfg.seed, info=info)
         batches = batches[step - epoch * steps_per_epoch:]
-        model.train()
+        bare.train()
         for x1, x2 in loader(SeededItems(pairs, seed=cfg.seed, epoch=epoch), batches, cfg, info):
-            n = x1.shape[0]
-            z = model(torch.cat([x1, x2]).to(info.device, non_blocking=True))  # (2n, D)
-            loss = loss_fn(z[:n], z[n:])
+            batch = (x1.to(info.device, non_blocking=True), x2.to(info.device, non_blocking=True))
+            loss = loss_fn(backbone_params, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params, info)
             if p.grad_clip is not None:
-                nn.utils.clip_grad_norm_(bare.parameters(), p.grad_clip)
+                nn.utils.clip_grad_norm_(params, p.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1

@@ -1,0 +1,280 @@
+"""The BiSSL stage's steps against independent float64 computations.
+
+Truths are built here without the stage's code: NT-Xent written out, the pretext loss through
+``torch.func.functional_call`` with cloned buffers, the dense Hessian by double backward
+(``torch.autograd.functional.hessian``; ``torch.func.hessian`` is wrong for train-mode BN in
+torch 2.14.1), ``torch.linalg.solve`` of the damped system, LARS and SGD updates by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bissl.config import load_config
+from bissl.distributed import DistInfo
+from bissl.models import Classifier, LinearHead
+from bissl.stages.bilevel import (
+    BiSSLState,
+    build_system,
+    lower_optimizer,
+    lower_step,
+    stage_losses,
+    upper_optimizer,
+    upper_step,
+)
+from bissl.stages.pretext import SimCLRNet
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import hypergrad
+
+INFO = DistInfo()
+N_PAIRS, N_DOWN, CLASSES, SIDE = 12, 8, 3, 4
+FEAT = 2 * SIDE * SIDE
+
+
+def tiny_backbone() -> nn.Module:
+    """Conv + train-mode BN + tanh, flattened: 24 parameters, 4 BN buffers."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten())
+
+
+def make_state(overrides: list[str], seed: int = 0) -> tuple[BiSSLState, object]:
+    """A float64 BiSSL state on tiny BN networks; theta_D = theta_P + a perturbation."""
+    cfg = load_config("digits", ["pretext.lars_exclude_bias_and_norm=false", *overrides])
+    torch.manual_seed(seed)
+    lower = SimCLRNet(tiny_backbone(), nn.Linear(FEAT, 4)).double()
+    with torch.no_grad():  # BN makes the loss invariant to the conv scale: H shrinks by 1/100,
+        lower.backbone[0].weight.mul_(10.0)  # so I + H/(lam+delta) is positive definite at 1.0
+    upper = Classifier(copy.deepcopy(lower.backbone), LinearHead(FEAT, CLASSES)).double()
+    with torch.no_grad():
+        for p in upper.backbone.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    lower_opt, lower_sched = lower_optimizer(cfg, lower)
+    upper_opt, upper_sched = upper_optimizer(cfg, upper)
+    return BiSSLState(lower, upper, lower_opt, lower_sched, upper_opt, upper_sched), cfg
+
+
+def batches(seed: int = 1) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = (torch.randn(N_PAIRS, 1, SIDE, SIDE, generator=g, dtype=torch.float64),
+             torch.randn(N_PAIRS, 1, SIDE, SIDE, generator=g, dtype=torch.float64))
+    down = (torch.randn(N_DOWN, 1, SIDE, SIDE, generator=g, dtype=torch.float64),
+            torch.randint(0, CLASSES, (N_DOWN,), generator=g))
+    return pairs, down
+
+
+# --- independent truths -----------------------------------------------------------------------
+
+
+def nt_xent_reference(z1: Tensor, z2: Tensor, tau: float) -> Tensor:
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / tau
+    sim = sim - torch.diag(torch.full((2 * n,), math.inf, dtype=z.dtype))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
+def pretext_loss_reference(net: SimCLRNet, backbone: dict[str, Tensor], pairs: tuple[Tensor, Tensor],
+                           tau: float) -> Tensor:
+    """Separate passes per view, BN in train mode, buffers cloned (never updated)."""
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
+    state.update({k: v for k, v in net.named_parameters() if k.startswith("projector.")})
+    state.update({k: b.clone() for k, b in net.named_buffers()})
+    z1 = functional_call(net, state, (pairs[0],))
+    z2 = functional_call(net, state, (pairs[1],))
+    return nt_xent_reference(z1, z2, tau)
+
+
+def flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = vector[i:i + t.numel()].reshape(t.shape)
+        i += t.numel()
+    return out
+
+
+def expected_upper_gradients(state: BiSSLState, pairs: tuple[Tensor, Tensor], down: tuple[Tensor, Tensor],
+                             lam: float, delta: float, gamma: float, tau: float
+                             ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """(expected gradient of every upper parameter, x, v) from a dense solve."""
+    lower, upper = copy.deepcopy(state.lower), copy.deepcopy(state.upper)
+    like = {k: p.detach() for k, p in lower.backbone.named_parameters()}
+    theta = flat(list(like.values()))
+    H = torch.autograd.functional.hessian(
+        lambda t: pretext_loss_reference(lower, unflat(t, like), pairs, tau), theta)
+    A = torch.eye(theta.numel(), dtype=theta.dtype) + H / (lam + delta)
+    assert torch.linalg.eigvalsh(A).min() > 0.05, "the test problem must be positive definite"
+    x_d, y = down
+    loss_p = F.cross_entropy(upper.head(lower.backbone(x_d)), y)
+    head = list(upper.head.parameters())
+    g = torch.autograd.grad(loss_p, [*lower.backbone.parameters(), *head])
+    v = flat(list(g[: len(like)]))
+    x = torch.linalg.solve(A, v)
+    loss_d = F.cross_entropy(upper(x_d), y)
+    names = [k for k, _ in upper.named_parameters()]
+    gd = dict(zip(names, torch.autograd.grad(loss_d, list(upper.parameters())), strict=True))
+    expected = {f"backbone.{k}": xk + gamma * gd[f"backbone.{k}"] for k, xk in unflat(x, like).items()}
+    for (k, _), gp in zip(upper.head.named_parameters(), g[len(like):], strict=True):
+        expected[f"head.{k}"] = gp + gamma * gd[f"head.{k}"]
+    return expected, x, v
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+SETTINGS = [  # (lam, delta, gamma, temperature): lam + delta small, so x differs from v
+    (0.1, 0.9, 0.3, 0.5),
+    (0.3, 1.2, 1.0, 0.7),
+]
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+@pytest.mark.parametrize(("lam", "delta", "gamma", "tau"), SETTINGS)
+def test_upper_steps_equal_dense_solve(lam: float, delta: float, gamma: float, tau: float,
+                                       warm_start: bool) -> None:
+    lr = 0.05
+    state, cfg = make_state([f"bissl.lam={lam}", f"bissl.delta={delta}", f"bissl.gamma={gamma}",
+                             f"pretext.temperature={tau}", f"bissl.upper_lr={lr}", "bissl.upper_weight_decay=0",
+                             "bissl.upper_grad_clip=null", "bissl.solver=cg", "bissl.solver_iterations=200",
+                             "bissl.solver_tol=1e-13", f"bissl.warm_start={str(warm_start).lower()}"])
+    b = cfg.bissl
+    pairs, _ = batches(1)
+    _, hessian_loss = stage_losses(cfg, state.lower)
+    system = build_system(state, hessian_loss, pairs, b, INFO)
+    for step in range(2):  # the second step warm-starts from the first when asked
+        _, down = batches(10 + step)
+        expected, x, v = expected_upper_gradients(state, pairs, down, lam, delta, gamma, tau)
+        assert rel(x, v) > 0.1  # the identity solver (x = v) would fail this test
+        before = {k: p.detach().clone() for k, p in state.upper.named_parameters()}
+        momentum = {k: state.upper_opt.state[p].get("momentum_buffer") for k, p in state.upper.named_parameters()}
+        momentum = {k: None if m is None else m.clone() for k, m in momentum.items()}
+        lr_now = state.upper_sched.get_last_lr()[0]
+        record = upper_step(state, system, down, b, INFO, warm_start=b.warm_start)
+        assert record["skipped"] == 0.0 and record["solve_rel_residual"] < 1e-11
+        assert record["solve_num_hvp"] == record["solve_iterations"] + (1 if warm_start and step else 0)
+        scale = flat(list(expected.values())).norm()
+        for k, p in state.upper.named_parameters():
+            # SGD with momentum m: buf = m * buf + g; p -= lr * buf
+            buf = (before[k] - p.detach()) / lr_now
+            prev = momentum[k]
+            grad = buf if prev is None else buf - cfg.bissl.upper_momentum * prev
+            assert float((grad - expected[k]).norm() / scale) < 1e-8, k
+
+
+@pytest.mark.parametrize(("lam", "trust", "tau"), [(0.001, 0.001, 0.5), (0.3, 0.02, 0.2)])
+def test_lower_step_equals_hand_computed_lars_update(lam: float, trust: float, tau: float) -> None:
+    lr, wd = 0.7, 1e-3
+    state, cfg = make_state([f"bissl.lam={lam}", f"pretext.trust_coefficient={trust}",
+                             f"pretext.temperature={tau}", f"bissl.lower_lr={lr}",
+                             f"bissl.lower_weight_decay={wd}", "bissl.lower_grad_clip=null"])
+    pairs, _ = batches(2)
+    net = copy.deepcopy(state.lower)
+    params = dict(net.named_parameters())
+    backbone = {k.removeprefix("backbone."): p for k, p in params.items() if k.startswith("backbone.")}
+    theta_d = {k: p.detach() for k, p in state.upper.backbone.named_parameters()}
+    loss = pretext_loss_reference(net, backbone, pairs, tau)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    expected = {}
+    for k, p in params.items():
+        g = grads[k]
+        if k.startswith("backbone."):
+            g = g + lam * (p.detach() - theta_d[k.removeprefix("backbone.")])  # proximal gradient
+        d = g + wd * p.detach()
+        p_norm, d_norm = p.detach().norm(), d.norm()
+        q = trust * p_norm / (d_norm + 1e-8) if p_norm > 0 and d_norm > 0 else 1.0  # LARS trust ratio
+        expected[k] = p.detach() - lr * q * d
+
+    train_loss, _ = stage_losses(cfg, state.lower)
+    buffers_before = {k: b.clone() for k, b in state.lower.named_buffers()}
+    lower_step(state, train_loss, pairs, cfg.bissl, INFO)
+    for k, p in state.lower.named_parameters():
+        assert rel(p.detach(), expected[k]) < 1e-12, k
+
+    # The proximal term touches no buffer and no projector parameter: same step with lam = 0.
+    plain, cfg0 = make_state([f"pretext.trust_coefficient={trust}", f"pretext.temperature={tau}",
+                              f"bissl.lower_lr={lr}", f"bissl.lower_weight_decay={wd}",
+                              "bissl.lower_grad_clip=null"])
+    for k, b in plain.lower.named_buffers():
+        assert torch.equal(b, buffers_before[k])
+    lower_step(plain, stage_losses(cfg0, plain.lower)[0], pairs, cfg0.bissl, INFO, lam=0.0)
+    for (k, b), (_, b0) in zip(state.lower.named_buffers(), plain.lower.named_buffers(), strict=True):
+        assert torch.equal(b, b0), k
+    for (k, p), (_, p0) in zip(state.lower.named_parameters(), plain.lower.named_parameters(), strict=True):
+        if k.startswith("projector."):
+            assert torch.equal(p, p0), k
+        elif p.dim() > 1:
+            assert not torch.equal(p, p0), k  # the backbone does feel the proximal term
+
+
+@pytest.mark.parametrize("hvp_updates_bn", [False, True])
+def test_hvp_buffer_policy(hvp_updates_bn: bool) -> None:
+    state, cfg = make_state([f"bissl.hvp_updates_bn={str(hvp_updates_bn).lower()}", "bissl.reuse_graph=false"])
+    pairs, down = batches(3)
+    # What the v computation alone does to theta_P's buffers: one train-mode forward on x_d.
+    probe = copy.deepcopy(state.lower.backbone)
+    probe(down[0])
+    expected = dict(probe.named_buffers())
+    _, hessian_loss = stage_losses(cfg, state.lower)
+    system = build_system(state, hessian_loss, pairs, cfg.bissl, INFO)
+    record = upper_step(state, system, down, cfg.bissl, INFO)
+    assert record["solve_num_hvp"] == 5
+    changed = [k for k, b in state.lower.backbone.named_buffers()
+               if k.endswith("running_mean") and not torch.equal(b, expected[k])]
+    assert (len(changed) > 0) == hvp_updates_bn
+
+
+def test_graph_reuse_equals_rebuild_and_counts_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    counted: list[int] = []
+    original = hypergrad.HessianOperator.matmat
+
+    def counting(self: hypergrad.HessianOperator, X: dict[str, Tensor]) -> dict[str, Tensor]:
+        counted.append(next(iter(X.values())).shape[0])
+        return original(self, X)
+
+    monkeypatch.setattr(hypergrad.HessianOperator, "matmat", counting)
+    finals = []
+    for reuse in (True, False):
+        counted.clear()
+        state, cfg = make_state([f"bissl.reuse_graph={str(reuse).lower()}", "bissl.delta=1.0",
+                                 "bissl.solver_iterations=7"])
+        pairs, _ = batches(4)
+        system = build_system(state, stage_losses(cfg, state.lower)[1], pairs, cfg.bissl, INFO)
+        logged = 0
+        for step in range(3):
+            logged += int(upper_step(state, system, batches(20 + step)[1], cfg.bissl, INFO)["solve_num_hvp"])
+        assert logged == sum(counted) == 3 * 7
+        finals.append(torch.cat([p.detach().reshape(-1) for p in state.upper.parameters()]))
+    assert float((finals[0] - finals[1]).abs().max()) < 1e-12
+
+
+def test_bad_solve_is_skipped_or_stops() -> None:
+    from bissl.stages.bilevel import BadSolveError
+
+    pairs, down = batches(5)
+    for policy in ("skip", "stop"):
+        state, cfg = make_state([f"bissl.on_bad_solve={policy}"])
+        system = build_system(state, stage_losses(cfg, state.lower)[1], pairs, cfg.bissl, INFO)
+        nan_operator = hypergrad.FunctionOperator(lambda x: {k: v * float("nan") for k, v in x.items()},
+                                                  symmetric=True)
+        system.operator = nan_operator
+        before = [p.detach().clone() for p in state.upper.parameters()]
+        if policy == "stop":
+            with pytest.raises(BadSolveError, match="non-finite"):
+                upper_step(state, system, down, cfg.bissl, INFO)
+        else:
+            record = upper_step(state, system, down, cfg.bissl, INFO)
+            assert record["skipped"] == 1.0 and record["solve_nonfinite"] == 1.0
+        assert all(torch.equal(a, p) for a, p in zip(before, state.upper.parameters(), strict=True))
+        assert state.skipped == 1
