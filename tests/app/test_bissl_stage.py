@@ -1,136 +1,30 @@
 """The BiSSL stage's steps against independent float64 computations.
 
-Truths are built here without the stage's code: NT-Xent written out, the pretext loss through
-``torch.func.functional_call`` with cloned buffers, the dense Hessian by double backward
-(``torch.autograd.functional.hessian``; ``torch.func.hessian`` is wrong for train-mode BN in
-torch 2.14.1), ``torch.linalg.solve`` of the damped system, LARS and SGD updates by hand.
+Truths (``bissl_helpers``) are built without the stage's code: NT-Xent written out, the pretext
+loss through ``torch.func.functional_call`` with cloned buffers, the dense Hessian by double
+backward (``torch.autograd.functional.hessian``; ``torch.func.hessian`` is wrong for train-mode BN
+in torch 2.14.1), ``torch.linalg.solve`` of the damped system, LARS and SGD updates by hand.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from bissl.config import load_config
-from bissl.distributed import DistInfo
-from bissl.models import Classifier, LinearHead
-from bissl.stages.bilevel import (
-    BiSSLState,
-    build_system,
-    lower_optimizer,
-    lower_step,
-    stage_losses,
-    upper_optimizer,
-    upper_step,
+from bissl.stages.bilevel import build_system, lower_step, stage_losses, upper_step
+from bissl_helpers import (
+    INFO,
+    batches,
+    expected_upper_gradients,
+    flat,
+    make_state,
+    pretext_loss_reference,
+    rel,
 )
-from bissl.stages.pretext import SimCLRNet
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 import hypergrad
-
-INFO = DistInfo()
-N_PAIRS, N_DOWN, CLASSES, SIDE = 12, 8, 3, 4
-FEAT = 2 * SIDE * SIDE
-
-
-def tiny_backbone() -> nn.Module:
-    """Conv + train-mode BN + tanh, flattened: 24 parameters, 4 BN buffers."""
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten())
-
-
-def make_state(overrides: list[str], seed: int = 0) -> tuple[BiSSLState, object]:
-    """A float64 BiSSL state on tiny BN networks; theta_D = theta_P + a perturbation."""
-    cfg = load_config("digits", ["pretext.lars_exclude_bias_and_norm=false", *overrides])
-    torch.manual_seed(seed)
-    lower = SimCLRNet(tiny_backbone(), nn.Linear(FEAT, 4)).double()
-    with torch.no_grad():  # BN makes the loss invariant to the conv scale: H shrinks by 1/100,
-        lower.backbone[0].weight.mul_(10.0)  # so I + H/(lam+delta) is positive definite at 1.0
-    upper = Classifier(copy.deepcopy(lower.backbone), LinearHead(FEAT, CLASSES)).double()
-    with torch.no_grad():
-        for p in upper.backbone.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    lower_opt, lower_sched = lower_optimizer(cfg, lower)
-    upper_opt, upper_sched = upper_optimizer(cfg, upper)
-    return BiSSLState(lower, upper, lower_opt, lower_sched, upper_opt, upper_sched), cfg
-
-
-def batches(seed: int = 1) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = (torch.randn(N_PAIRS, 1, SIDE, SIDE, generator=g, dtype=torch.float64),
-             torch.randn(N_PAIRS, 1, SIDE, SIDE, generator=g, dtype=torch.float64))
-    down = (torch.randn(N_DOWN, 1, SIDE, SIDE, generator=g, dtype=torch.float64),
-            torch.randint(0, CLASSES, (N_DOWN,), generator=g))
-    return pairs, down
-
-
-# --- independent truths -----------------------------------------------------------------------
-
-
-def nt_xent_reference(z1: Tensor, z2: Tensor, tau: float) -> Tensor:
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = z @ z.T / tau
-    sim = sim - torch.diag(torch.full((2 * n,), math.inf, dtype=z.dtype))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
-    return F.cross_entropy(sim, target)
-
-
-def pretext_loss_reference(net: SimCLRNet, backbone: dict[str, Tensor], pairs: tuple[Tensor, Tensor],
-                           tau: float) -> Tensor:
-    """Separate passes per view, BN in train mode, buffers cloned (never updated)."""
-    state = {f"backbone.{k}": v for k, v in backbone.items()}
-    state.update({k: v for k, v in net.named_parameters() if k.startswith("projector.")})
-    state.update({k: b.clone() for k, b in net.named_buffers()})
-    z1 = functional_call(net, state, (pairs[0],))
-    z2 = functional_call(net, state, (pairs[1],))
-    return nt_xent_reference(z1, z2, tau)
-
-
-def flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflat(vector: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    out, i = {}, 0
-    for k, t in like.items():
-        out[k] = vector[i:i + t.numel()].reshape(t.shape)
-        i += t.numel()
-    return out
-
-
-def expected_upper_gradients(state: BiSSLState, pairs: tuple[Tensor, Tensor], down: tuple[Tensor, Tensor],
-                             lam: float, delta: float, gamma: float, tau: float
-                             ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """(expected gradient of every upper parameter, x, v) from a dense solve."""
-    lower, upper = copy.deepcopy(state.lower), copy.deepcopy(state.upper)
-    like = {k: p.detach() for k, p in lower.backbone.named_parameters()}
-    theta = flat(list(like.values()))
-    H = torch.autograd.functional.hessian(
-        lambda t: pretext_loss_reference(lower, unflat(t, like), pairs, tau), theta)
-    A = torch.eye(theta.numel(), dtype=theta.dtype) + H / (lam + delta)
-    assert torch.linalg.eigvalsh(A).min() > 0.05, "the test problem must be positive definite"
-    x_d, y = down
-    loss_p = F.cross_entropy(upper.head(lower.backbone(x_d)), y)
-    head = list(upper.head.parameters())
-    g = torch.autograd.grad(loss_p, [*lower.backbone.parameters(), *head])
-    v = flat(list(g[: len(like)]))
-    x = torch.linalg.solve(A, v)
-    loss_d = F.cross_entropy(upper(x_d), y)
-    names = [k for k, _ in upper.named_parameters()]
-    gd = dict(zip(names, torch.autograd.grad(loss_d, list(upper.parameters())), strict=True))
-    expected = {f"backbone.{k}": xk + gamma * gd[f"backbone.{k}"] for k, xk in unflat(x, like).items()}
-    for (k, _), gp in zip(upper.head.named_parameters(), g[len(like):], strict=True):
-        expected[f"head.{k}"] = gp + gamma * gd[f"head.{k}"]
-    return expected, x, v
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
 
 # --- tests ------------------------------------------------------------------------------------
 
@@ -278,3 +172,31 @@ def test_bad_solve_is_skipped_or_stops() -> None:
             assert record["skipped"] == 1.0 and record["solve_nonfinite"] == 1.0
         assert all(torch.equal(a, p) for a, p in zip(before, state.upper.parameters(), strict=True))
         assert state.skipped == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_two_gloo_ranks_equal_single_process_truth(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-rank losses: the averaged system is the mean of the per-shard Hessians (see the stage's
+    docstring); the truth is a dense solve of that mean in one process."""
+    import torch.multiprocessing as mp
+    from bissl_helpers import DIST_SETTINGS, distributed_upper_step_worker
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.start_processes(distributed_upper_step_worker, args=(2, f"file://{tmp_path / 'rdv'}", str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    state, _ = make_state(DIST_SETTINGS)
+    pairs, down = batches(7)
+    expected, x, v = expected_upper_gradients(state, pairs, down, 0.1, 0.9, 0.3, 0.5, shards=2)
+    assert rel(x, v) > 0.1
+    single, _, _ = expected_upper_gradients(state, pairs, down, 0.1, 0.9, 0.3, 0.5, shards=1)
+    scale = flat(list(expected.values())).norm()
+    assert float((flat(list(single.values())) - flat(list(expected.values()))).norm() / scale) > 1e-3
+    for res in ranks:
+        assert res["rel_residual"] < 1e-11
+        for k, p in state.upper.named_parameters():
+            grad = (p.detach() - res["params"][k]) / 0.05
+            assert float((grad - expected[k]).norm() / scale) < 1e-8, k
+    for k in ranks[0]["params"]:
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k])
