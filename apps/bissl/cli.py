@@ -2,7 +2,8 @@
 
 Examples::
 
-    bissl run                                   # digits preset, a few minutes on 2 CPU cores
+    bissl run                                   # BiSSL vs conventional on digits, <10 min on 2 CPU cores
+    bissl run --arms conventional,bissl,scratch --seeds 5
     bissl run -c fashion-mnist --data-root DATA
     bissl pretrain -c digits --set pretext.epochs=5 --run-dir runs/a
     bissl pretrain --run-dir runs/a --resume    # continue a killed run (config read from runs/a)
@@ -39,7 +40,9 @@ _COMMANDS = {
     "finetune": "linear warm-up, then one fine-tuning run at finetune.lr / finetune.weight_decay",
     "search": "Optuna random search over fine-tuning (lr, wd), then search.seeds runs at the best",
     "evaluate": "test accuracy of the fine-tuned models in a run directory (mean ± std)",
-    "run": "whole conventional pipeline: pretrain -> warm-up -> search -> seeds -> evaluate",
+    "run": "BiSSL vs the conventional pipeline: shared pretext checkpoint -> every arm (extra "
+           "training, search on the first seed, paired seed runs) -> test once -> table and plots",
+    "conventional": "the conventional pipeline alone: pretrain -> warm-up -> search -> seeds -> evaluate",
     "validate": "validate the config, then build the models and run one forward/backward step "
                 "on random tensors of the preset's image shape (no data, no training)",
 }
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
         if name == "validate":
             p.add_argument("--batch", type=int, default=4, help="shrunk batch size of the dry run")
+        if name == "run":
+            p.add_argument("--arms", default=None, metavar="A,B,...",
+                           help="arms to compare (sets `arms`): conventional, conventional+, bissl, "
+                                "bissl-identity, scratch")
+            p.add_argument("--seeds", type=int, default=None, metavar="N",
+                           help="paired seed runs per arm (sets search.seeds)")
     return parser
 
 
@@ -112,6 +121,16 @@ def _from_args(args: argparse.Namespace, raw: dict | None) -> RunConfig:
     return cfg
 
 
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """``--arms`` / ``--seeds`` of ``bissl run`` as ``--set`` overrides."""
+    extra = []
+    if getattr(args, "arms", None):
+        extra.append(f"arms=[{','.join(a.strip() for a in args.arms.split(','))}]")
+    if getattr(args, "seeds", None) is not None:
+        extra.append(f"search.seeds={args.seeds}")
+    return extra
+
+
 def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
     from bissl import pipeline
     from bissl.data import DatasetNotFoundError
@@ -126,7 +145,7 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
         if args.run_dir is None:
             stamp = broadcast_object(info, time.strftime("%Y%m%d-%H%M%S"))
             args.run_dir = Path("runs") / f"{cfg.name}-{stamp}"
-        if args.command not in ("run", "pretrain") and not args.run_dir.exists():
+        if args.command not in ("run", "conventional", "pretrain") and not args.run_dir.exists():
             raise ConfigError(f"--run-dir {args.run_dir} does not exist; `bissl {args.command}` "
                               "works on a run made by `bissl pretrain` (or `bissl run`). "
                               "Fix: pass the run dir of an earlier pretrain")
@@ -137,7 +156,7 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
         stage = {"pretrain": pipeline.pretrain, "bilevel": pipeline.bilevel,
                  "finetune": pipeline.finetune_once,
                  "search": pipeline.search, "evaluate": pipeline.evaluate,
-                 "run": pipeline.run_conventional}[args.command]
+                 "run": pipeline.run, "conventional": pipeline.run_conventional}[args.command]
         try:
             stage(cfg, run, info, resume=args.resume)
         except (ConfigError, DatasetNotFoundError):
@@ -152,6 +171,7 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bissl`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.overrides = [*args.overrides, *_run_overrides(args)]
     from bissl.data import DatasetNotFoundError
 
     try:

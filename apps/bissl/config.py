@@ -271,6 +271,10 @@ class BiSSLConfig(_Section):
         return self.alternations * self.upper_steps
 
 
+ArmName = Literal["conventional", "conventional+", "bissl", "bissl-identity", "scratch"]
+ARMS: tuple[str, ...] = ("conventional", "conventional+", "bissl", "bissl-identity", "scratch")
+
+
 class RunConfig(_Section):
     """The whole run: one section per stage (``bissl:`` is the BiSSL stage)."""
 
@@ -289,6 +293,11 @@ class RunConfig(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     bissl: BiSSLConfig = Field(default_factory=BiSSLConfig)
+    arms: tuple[ArmName, ...] = Field(
+        ("conventional", "conventional+", "bissl", "bissl-identity"),
+        description="arms `bissl run` compares, all from one shared pretext checkpoint: conventional "
+        "(continued pretext training at the BiSSL stage's budget), conventional+ (that, then the "
+        "stage's supervised steps), bissl, bissl-identity (x = v), scratch (random init)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -315,6 +324,9 @@ class RunConfig(_Section):
                 "ImageNet stem (7x7/2 conv + max-pool) shrinks such images to 1x1 maps. "
                 "Fix: --set model.small_images=true or data.image_size>=32"
             )
+        if not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms: got {list(self.arms)}; need a non-empty list without repeats. "
+                             "Fix: --arms conventional,bissl")
         if max(self.eval.topk) < 1:
             raise ValueError(f"eval.topk: got {list(self.eval.topk)}; need ks >= 1. Fix: [1, 5]")
         return self

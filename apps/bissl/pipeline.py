@@ -1,12 +1,10 @@
 """Pipelines behind the CLI sub-commands, the result table and the ``validate`` dry run.
 
-Conventional pipeline (``bissl run``)::
+``bissl run`` is the comparison of :mod:`bissl.compare` (BiSSL against the conventional
+pipeline, paired by seed). The single stages are sub-commands of their own; the conventional
+pipeline alone (:func:`run_conventional`)::
 
     pretext (SimCLR) -> linear warm-up -> fine-tuning search -> seeds at the best -> evaluate
-
-Part 2 adds the BiSSL stage between the linear warm-up and fine-tuning (see the marked seam in
-:func:`run_conventional`): it starts from ``warmup-final.pt`` and fine-tuning then starts from
-the lower-level backbone, so both pipelines share the pretext, warm-up, search and evaluation code.
 """
 
 from __future__ import annotations
@@ -86,15 +84,21 @@ def evaluate(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = Fals
     _finish(cfg, run, info, {"evaluate": ev})
 
 
+def run(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
+        step_hook: StepHook | None = None) -> dict[str, Any]:
+    """``bissl run``: the comparison of BiSSL with the conventional pipeline (:mod:`bissl.compare`)."""
+    from bissl.compare import run_comparison
+
+    return run_comparison(cfg, run, info, resume=resume, step_hook=step_hook)
+
+
 def run_conventional(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
                      step_hook: StepHook | None = None) -> dict[str, Any]:
-    """``bissl run``: pretext -> linear warm-up -> search -> seeds -> evaluate; prints a table."""
+    """The conventional pipeline alone: pretext -> linear warm-up -> search -> seeds -> evaluate."""
     start = time.perf_counter()
     splits = load_splits(cfg, info)
     run_pretext(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     warm = run_linear_warmup(cfg, run, info, splits, resume=resume, step_hook=step_hook)
-    # --- seam for part 2: the BiSSL stage goes here (from warmup-final.pt), followed by the
-    # --- same search/seeds/evaluate on its lower backbone, and a comparison table.
     found = run_search(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     ev = run_evaluate(cfg, run, info, splits, found.seed_names())
     results = {"warmup": warm, "search": found, "evaluate": ev,
@@ -241,5 +245,15 @@ def validate(cfg: RunConfig, *, batch: int = 4) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Splits", "evaluate", "finetune_once", "pretrain", "result_table", "run_conventional",
-           "search", "validate"]
+__all__ = [
+    "Splits",
+    "bilevel",
+    "evaluate",
+    "finetune_once",
+    "pretrain",
+    "result_table",
+    "run",
+    "run_conventional",
+    "search",
+    "validate",
+]

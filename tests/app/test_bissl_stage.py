@@ -92,7 +92,8 @@ def test_lower_step_equals_hand_computed_lars_update(lam: float, trust: float, t
 
     train_loss, _ = stage_losses(cfg, state.lower)
     buffers_before = {k: b.clone() for k, b in state.lower.named_buffers()}
-    lower_step(state, train_loss, pairs, cfg.bissl, INFO)
+    lower_step(state.lower, state.lower_opt, state.lower_sched, train_loss, pairs, cfg.bissl, INFO,
+               anchor=dict(state.upper.backbone.named_parameters()), lam=lam)
     for k, p in state.lower.named_parameters():
         assert rel(p.detach(), expected[k]) < 1e-12, k
 
@@ -102,7 +103,8 @@ def test_lower_step_equals_hand_computed_lars_update(lam: float, trust: float, t
                               "bissl.lower_grad_clip=null"])
     for k, b in plain.lower.named_buffers():
         assert torch.equal(b, buffers_before[k])
-    lower_step(plain, stage_losses(cfg0, plain.lower)[0], pairs, cfg0.bissl, INFO, lam=0.0)
+    lower_step(plain.lower, plain.lower_opt, plain.lower_sched, stage_losses(cfg0, plain.lower)[0], pairs,
+               cfg0.bissl, INFO, anchor=None, lam=0.0)
     for (k, b), (_, b0) in zip(state.lower.named_buffers(), plain.lower.named_buffers(), strict=True):
         assert torch.equal(b, b0), k
     for (k, p), (_, p0) in zip(state.lower.named_parameters(), plain.lower.named_parameters(), strict=True):

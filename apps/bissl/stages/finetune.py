@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from bissl.checkpoint import load_checkpoint, save_checkpoint
@@ -184,22 +184,43 @@ def train_classifier(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits
     return broadcast_object(info, result)
 
 
-def finetune_model(cfg: RunConfig, run: RunDir, splits: Splits, *, seed: int) -> Classifier:
-    """Pretext backbone + head (new, seeded by ``seed``, or the warm-up's) for fine-tuning."""
+@dataclass(frozen=True)
+class FinetuneInit:
+    """Where fine-tuning starts: backbone and head weights; ``None`` draws them at random."""
+
+    backbone: dict[str, Tensor] | None
+    head: dict[str, Tensor] | None = None
+
+
+def pretext_init(cfg: RunConfig, run: RunDir) -> FinetuneInit:
+    """The run's pretext backbone, with the warm-up's head (and BN buffers) if ``head_init: warmup``."""
+    if cfg.finetune.head_init == "warmup" and cfg.warmup.epochs > 0:
+        last = load_checkpoint(run.checkpoint("warmup-final"))["last"]
+        return FinetuneInit(
+            backbone={k.removeprefix("backbone."): v for k, v in last.items() if k.startswith("backbone.")},
+            head={k.removeprefix("head."): v for k, v in last.items() if k.startswith("head.")})
+    return FinetuneInit(backbone=pretext_backbone_state(run))
+
+
+def finetune_model(cfg: RunConfig, splits: Splits, init: FinetuneInit, *, seed: int) -> Classifier:
+    """Classifier at ``init``; what ``init`` leaves out is drawn from the torch RNG seeded by ``seed``."""
     torch.manual_seed(seed)
     model = new_classifier(cfg, splits.spec)
-    if cfg.finetune.head_init == "warmup" and cfg.warmup.epochs > 0:
-        model.load_state_dict(load_checkpoint(run.checkpoint("warmup-final"))["last"])
-    else:
-        model.backbone.load_state_dict(pretext_backbone_state(run))
+    if init.backbone is not None:
+        model.backbone.load_state_dict(init.backbone)
+    if init.head is not None:
+        model.head.load_state_dict(init.head)
     return model
 
 
 def run_finetune(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *, lr: float,
                  weight_decay: float, seed: int, name: str, epochs: int | None = None,
-                 resume: bool = False, keep_final: bool = True,
+                 resume: bool = False, keep_final: bool = True, init: FinetuneInit | None = None,
                  step_hook: StepHook | None = None) -> TrainResult:
-    """Fine-tune the whole pretext backbone plus a linear head at (lr, weight_decay, seed)."""
+    """Fine-tune backbone + linear head at (lr, weight_decay, seed).
+
+    ``init`` defaults to the run's pretext backbone (:func:`pretext_init`).
+    """
     seed_everything(seed, deterministic=cfg.deterministic)
     f = cfg.finetune
     settings = TrainSettings(
@@ -207,7 +228,7 @@ def run_finetune(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
         batch_size=f.batch_size, seed=seed, schedule="cosine", final_lr_ratio=f.final_lr_ratio,
         warmup_epochs=min(f.warmup_epochs, (epochs or f.epochs) - 1), grad_clip=f.grad_clip,
         eval_every_epochs=f.eval_every_epochs)
-    model = finetune_model(cfg, run, splits, seed=seed)
+    model = finetune_model(cfg, splits, init or pretext_init(cfg, run), seed=seed)
     return train_classifier(cfg, run, info, splits, model, settings, name=name, resume=resume,
                             keep_final=keep_final, step_hook=step_hook)
 

@@ -23,7 +23,7 @@ from bissl.config import RunConfig
 from bissl.distributed import DistInfo, broadcast_object
 from bissl.rundir import RunDir
 from bissl.stages._common import Splits, StepHook
-from bissl.stages.finetune import TrainResult, run_finetune
+from bissl.stages.finetune import FinetuneInit, TrainResult, run_finetune
 
 STUDY = "finetune-search"
 
@@ -78,12 +78,28 @@ def _trial_name(lr: float, wd: float) -> str:
     return f"trial-lr{lr:.4e}-wd{wd:.4e}"
 
 
-def run_search(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
-               resume: bool = False, step_hook: StepHook | None = None) -> SearchResult:
-    """Random search over fine-tuning (lr, wd), then ``search.seeds`` runs at the best setting.
+def seed_run_seeds(cfg: RunConfig) -> list[int]:
+    """Seeds of the ``search.seeds`` runs at the best setting: never the trials' seed (``cfg.seed``)."""
+    return [cfg.seed + 1 + i for i in range(cfg.search.seeds)]
 
-    Returns:
-        Best parameters, the best trial's val accuracy and the seed runs' results.
+
+@dataclass(frozen=True)
+class Best:
+    """The search's best (lr, wd), its validation top-1 and the number of finished trials."""
+
+    lr: float
+    weight_decay: float
+    val_top1: float
+    trials: int
+
+
+def search_hyperparameters(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
+                           init: FinetuneInit | None = None, resume: bool = False,
+                           step_hook: StepHook | None = None) -> Best:
+    """Random search over fine-tuning (lr, wd) on the validation split, trials seeded ``cfg.seed``.
+
+    Args:
+        init: where every trial starts (default: the run's pretext backbone).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if info.is_main:
@@ -94,7 +110,7 @@ def run_search(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
                               "Fix: pass --resume to continue it, or use a new --run-dir")
         _requeue_interrupted(_open_study(run, cfg, 0))
 
-    # 1) Trials, one at a time (all ranks train; rank 0 talks to the SQLite storage).
+    # Trials, one at a time (all ranks train; rank 0 talks to the SQLite storage).
     while True:
         ask = broadcast_object(info, _ask(run, cfg) if info.is_main else None)
         if ask is None:
@@ -104,12 +120,11 @@ def run_search(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
             print(f"[search] trial {number}: lr={lr:.3e} wd={wd:.3e}", flush=True)
         result = run_finetune(cfg, run, info, splits, lr=lr, weight_decay=wd, seed=cfg.seed,
                               name=_trial_name(lr, wd), epochs=cfg.trial_epochs, resume=True,
-                              keep_final=False, step_hook=step_hook)
+                              keep_final=False, init=init, step_hook=step_hook)
         if info.is_main:
             _open_study(run, cfg, 0).tell(number, result.best_val_top1)
             run.log("search", number, lr=lr, weight_decay=wd, val_top1=result.best_val_top1)
 
-    # 2) Best setting, then one run per seed.
     best: dict[str, Any] = {}
     if info.is_main:
         study = _open_study(run, cfg, 0)
@@ -119,15 +134,25 @@ def run_search(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
                 "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))}
         print(f"[search] best of {best['trials']} trials: lr={best['lr']:.3e} "
               f"wd={best['weight_decay']:.3e} (val top-1 {best['val_top1']:.2f}%)", flush=True)
-    best = broadcast_object(info, best)
-    seed_runs = []
-    for i in range(cfg.search.seeds):
-        seed_runs.append(run_finetune(
-            cfg, run, info, splits, lr=best["lr"], weight_decay=best["weight_decay"],
-            seed=cfg.seed + i, name=f"seed{i}", resume=True, step_hook=step_hook))
+    return Best(**broadcast_object(info, best))
+
+
+def run_search(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
+               resume: bool = False, step_hook: StepHook | None = None) -> SearchResult:
+    """Random search over fine-tuning (lr, wd), then ``search.seeds`` runs at the best setting.
+
+    The seed runs use :func:`seed_run_seeds`, none of which a trial used.
+
+    Returns:
+        Best parameters, the best trial's val accuracy and the seed runs' results.
+    """
+    best = search_hyperparameters(cfg, run, info, splits, resume=resume, step_hook=step_hook)
+    seed_runs = [run_finetune(cfg, run, info, splits, lr=best.lr, weight_decay=best.weight_decay,
+                              seed=seed, name=f"seed{i}", resume=True, step_hook=step_hook)
+                 for i, seed in enumerate(seed_run_seeds(cfg))]
     vals = [r.best_val_top1 for r in seed_runs]
     run.write_result("search", {
-        "best": best, "seed_val_top1": vals,
+        "best": best.__dict__, "seed_val_top1": vals,
         "seed_val_top1_mean": statistics.fmean(vals),
         "seed_val_top1_std": statistics.stdev(vals) if len(vals) > 1 else 0.0})
-    return SearchResult(best["lr"], best["weight_decay"], best["val_top1"], best["trials"], seed_runs)
+    return SearchResult(best.lr, best.weight_decay, best.val_top1, best.trials, seed_runs)

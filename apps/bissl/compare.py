@@ -1,0 +1,225 @@
+r"""``bissl run``: BiSSL against the conventional pipeline, honest by construction.
+
+Every arm starts from one shared pretext checkpoint (``RUN/checkpoints/pretext-final.pt``):
+
+=================  ====================================================================
+conventional       ``alternations x lower_steps`` more SimCLR steps (same images as BiSSL's
+                   lower steps), then fine-tuning
+conventional+      conventional, then ``alternations x upper_steps`` supervised SGD steps
+bissl              linear warm-up -> BiSSL stage -> fine-tuning from the handed-over backbone
+bissl-identity     the same with the identity solver (x = v): what the IHVP adds
+scratch            fine-tuning from random initialisation
+=================  ====================================================================
+
+Step counts come from the ``bissl:`` section only. Per arm, the fine-tuning search runs once,
+on the first seed's backbone, on the validation split (trial seed ``cfg.seed``, every arm the
+same budget, one Optuna study per arm under ``RUN/arms/<arm>/``). Each reported seed
+:math:`S_i = \text{seed} + 1 + i` (never a trial's seed) reruns everything after the shared
+pretext checkpoint with :math:`S_i` — the arm's extra training, then fine-tuning at the arm's
+chosen (lr, wd) — so arms pair by seed. The test split is read once per seed run, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bissl.checkpoint import load_checkpoint
+from bissl.config import RunConfig
+from bissl.distributed import DistInfo, on_main
+from bissl.rundir import RunDir
+from bissl.stages._common import Splits, StepHook, load_splits
+from bissl.stages.bilevel import run_bissl
+from bissl.stages.continued import run_continued_pretext, run_supervised_steps
+from bissl.stages.finetune import FinetuneInit, run_finetune, test_metrics
+from bissl.stages.linear_warmup import run_linear_warmup
+from bissl.stages.pretext import run_pretext
+from bissl.stages.search import search_hyperparameters, seed_run_seeds
+
+BASELINE = "conventional"
+
+
+def arm_config(cfg: RunConfig, arm: str) -> RunConfig:
+    """The arm's config: bissl-identity swaps the solver for the identity (x = v)."""
+    if arm != "bissl-identity":
+        return cfg
+    b = cfg.bissl.model_copy(update={"solver": "identity", "warm_start": False})
+    return cfg.model_copy(update={"bissl": b})
+
+
+@dataclass(frozen=True)
+class ArmStage:
+    """An arm's backbone for one seed and what producing it spent."""
+
+    init: FinetuneInit
+    pretext_images: int = 0
+    supervised_steps: int = 0
+    num_hvp: int = 0
+    seconds: float = 0.0
+
+
+def _warmup_head(run: RunDir) -> dict[str, Any]:
+    last = load_checkpoint(run.checkpoint("warmup-final"))["last"]
+    return {k.removeprefix("head."): v for k, v in last.items() if k.startswith("head.")}
+
+
+def arm_stage(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, arm: str, seed: int, *,
+              step_hook: StepHook | None = None) -> ArmStage:
+    """Run (or resume, or reload) arm ``arm``'s training after the pretext checkpoint, for ``seed``.
+
+    Checkpoints and logs of these stages live in the shared run dir, named ``<what>-s<seed>``,
+    so the conventional and conventional+ arms share one continued pretext run per seed.
+    """
+    if arm == "scratch":
+        return ArmStage(FinetuneInit(backbone=None))
+    if arm in ("bissl", "bissl-identity"):
+        res = run_bissl(arm_config(cfg, arm), run, info, splits, seed=seed, name=f"{arm}-s{seed}", resume=True,
+                        step_hook=step_hook)
+        final = load_checkpoint(run.checkpoint(f"{arm}-s{seed}-final"))
+        return ArmStage(FinetuneInit(final["backbone"]), res.pretext_images, res.upper_steps, res.num_hvp,
+                        res.seconds_per_alternation * res.alternations)
+    pretext = load_checkpoint(run.checkpoint("pretext-final"))
+    cont = run_continued_pretext(cfg, run, info, splits, seed=seed, name=f"continued-s{seed}",
+                                 pretext=pretext, resume=True, step_hook=step_hook)
+    backbone = load_checkpoint(run.checkpoint(f"continued-s{seed}-final"))["backbone"]
+    if arm == "conventional":
+        return ArmStage(FinetuneInit(backbone), cont.pretext_images, 0, 0, cont.seconds)
+    head = _warmup_head(run) if cfg.warmup.epochs > 0 else None
+    sup = run_supervised_steps(cfg, run, info, splits, seed=seed, name=f"supervised-s{seed}",
+                               backbone=backbone, head=head, resume=True, step_hook=step_hook)
+    backbone = load_checkpoint(run.checkpoint(f"supervised-s{seed}-final"))["backbone"]
+    return ArmStage(FinetuneInit(backbone), cont.pretext_images, sup.supervised_steps, 0,
+                    cont.seconds + sup.seconds)
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean of ``values - baseline`` (paired by position) and its two-sided paired-t interval.
+
+    With fewer than two pairs the interval is undefined (NaN).
+    """
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": len(diffs)}
+    half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}
+
+
+def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
+                   step_hook: StepHook | None = None) -> dict[str, Any]:
+    """Pretext -> warm-up -> every arm (search on the first seed, then each seed) -> test -> table.
+
+    Results land in ``RUN/results/comparison.json`` (per arm: search, per-seed spend and
+    accuracies, summaries, paired differences to the conventional arm).
+    """
+    start = time.perf_counter()
+    splits = load_splits(cfg, info)
+    seeds = seed_run_seeds(cfg)
+    b = cfg.bissl
+    if info.is_main:
+        print(f"[run] arms {', '.join(cfg.arms)}; seeds {seeds}; BiSSL stage {b.alternations} alternations x "
+              f"({b.lower_steps} lower + {b.upper_steps} upper steps), solver {b.solver} "
+              f"({b.solver_iterations} iterations); search {cfg.search.trials} trials per arm", flush=True)
+    run_pretext(cfg, run, info, splits, resume=resume, step_hook=step_hook)
+    run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
+
+    arms: dict[str, Any] = {}
+    for arm in cfg.arms:
+        t0 = time.perf_counter()
+        acfg = arm_config(cfg, arm)
+        arm_run = RunDir.create(run.path / "arms" / arm, acfg, writer=info.is_main)
+        done = arm_run.read_result("arm")
+        if done is not None:
+            arms[arm] = done
+            continue
+        if info.is_main:
+            print(f"[run] arm {arm}", flush=True)
+        per_seed: dict[str, Any] = {}
+        best = None
+        for i, seed in enumerate(seeds):
+            stage = arm_stage(cfg, run, info, splits, arm, seed, step_hook=step_hook)
+            if best is None:  # the search runs once, on the first seed's backbone
+                best = search_hyperparameters(acfg, arm_run, info, splits, init=stage.init, resume=True,
+                                              step_hook=step_hook)
+            ft = run_finetune(acfg, arm_run, info, splits, lr=best.lr, weight_decay=best.weight_decay,
+                              seed=seed, name=f"seed{i}", resume=True, init=stage.init, step_hook=step_hook)
+            per_seed[str(seed)] = {"val_top1": ft.best_val_top1, "pretext_images": stage.pretext_images,
+                                   "supervised_steps": stage.supervised_steps, "num_hvp": stage.num_hvp,
+                                   "stage_seconds": stage.seconds, "finetune_name": f"seed{i}"}
+        assert best is not None
+        arms[arm] = {"search": best.__dict__, "seeds": per_seed, "trial_seed": cfg.seed,
+                     "wall_s": time.perf_counter() - t0}
+        arm_run.write_result("arm", arms[arm])
+
+    # The test split, read once per seed run, at the end.
+    for arm in cfg.arms:
+        arm_run = RunDir(run.path / "arms" / arm, writer=info.is_main)
+        for seed, rec in arms[arm]["seeds"].items():
+            if "test" not in rec:
+                rec["test"] = on_main(info, lambda arm_run=arm_run, rec=rec, arm=arm: test_metrics(
+                    arm_config(cfg, arm), arm_run, info, splits, rec["finetune_name"]))
+                run.log(f"test/{arm}", int(seed), **rec["test"])
+        arm_run.write_result("arm", arms[arm])
+
+    results = summarise(cfg, arms)
+    results["wall_s"] = time.perf_counter() - start
+    if info.is_main:
+        run.write_result("comparison", results)
+        table = comparison_table(cfg, results)
+        print("\n" + table, flush=True)
+        (run.path / "results" / "table.txt").write_text(table + "\n")
+        from bissl.report import write_comparison_plots
+
+        write_comparison_plots(run, results)
+    return results
+
+
+def summarise(cfg: RunConfig, arms: dict[str, Any]) -> dict[str, Any]:
+    """Mean ± std per arm and metric, and paired differences to the conventional arm."""
+    metrics = [f"top{k}" for k in cfg.eval.topk]
+    out: dict[str, Any] = {"arms": arms, "summary": {}, "seeds": seed_run_seeds(cfg), "baseline": BASELINE}
+    for arm, rec in arms.items():
+        seeds = list(rec["seeds"])
+        row: dict[str, Any] = {"n": len(seeds), "wall_s": rec["wall_s"],
+                               "num_hvp": sum(rec["seeds"][s]["num_hvp"] for s in seeds)}
+        for m in metrics:
+            vals = [rec["seeds"][s]["test"][m] for s in seeds]
+            row[m] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            if BASELINE in arms and arm != BASELINE:
+                base = [arms[BASELINE]["seeds"][s]["test"][m] for s in seeds]
+                row[f"{m}_vs_{BASELINE}"] = paired_difference(vals, base)
+        out["summary"][arm] = row
+    return out
+
+
+def comparison_table(cfg: RunConfig, results: dict[str, Any]) -> str:
+    """Plain-text table: per arm top-1/top-5 mean ± std, paired Δ top-1 vs conventional, time, HVPs."""
+    metrics = [f"top{k}" for k in cfg.eval.topk]
+    head = ["arm", *[f"test {m} (%)" for m in metrics], f"Δ top1 vs {BASELINE} [95% paired-t]",
+            "wall (s)", "HVPs"]
+    rows = []
+    for arm, row in results["summary"].items():
+        diff = row.get(f"top1_vs_{BASELINE}")
+        if diff is None:
+            d = "—"
+        elif math.isnan(diff["low"]):
+            d = f"{diff['mean']:+.2f} (n=1)"
+        else:
+            d = f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+        rows.append([arm, *[f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}" for m in metrics], d,
+                     f"{row['wall_s']:.0f}", str(row["num_hvp"])])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    n = len(results["seeds"])
+    lines = [f"BiSSL vs conventional: {cfg.name} ({cfg.data.dataset}), {n} paired seed{'s' * (n > 1)} "
+             f"{results['seeds']}, test split read once per seed run",
+             "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append(f"wall time: {results.get('wall_s', float('nan')):.1f} s (this invocation)")
+    return "\n".join(lines)

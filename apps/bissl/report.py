@@ -1,0 +1,108 @@
+"""Plots of a comparison run: accuracy per arm and seed, and the BiSSL stage's curves.
+
+``write_comparison_plots(run, results)`` writes
+
+* ``plots/comparison_accuracy.png`` — test top-1 per arm, one line per seed (paired seeds);
+* ``plots/comparison_bissl_stage.png`` — for every BiSSL arm and seed: lower loss, upper loss
+  (at theta_P), solve relative residuals and cumulative HVPs per alternation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bissl.rundir import RunDir
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(path: Path, results: dict[str, Any], metric: str = "top1") -> Path:
+    """Test accuracy per arm (x) with one line per seed joining its arms."""
+    plt = _pyplot()
+    arms = list(results["summary"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 2.5, 3.6))
+    seeds = [str(s) for s in results["seeds"]]
+    for seed in seeds:
+        ys = [results["arms"][a]["seeds"][seed]["test"][metric] for a in arms]
+        ax.plot(range(len(arms)), ys, marker="o", alpha=0.7, label=f"seed {seed}")
+    means = [results["summary"][a][metric]["mean"] for a in arms]
+    ax.scatter(range(len(arms)), means, marker="_", s=600, color="black", zorder=3, label="mean")
+    ax.set_xticks(range(len(arms)), arms, rotation=15)
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def bissl_stage_series(records: list[dict[str, Any]], prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-alternation series of a BiSSL stage named ``prefix`` from the metrics log."""
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    lower = [r for r in records if r["stage"] == f"{prefix}-lower"]
+    upper = [r for r in records if r["stage"] == f"{prefix}-upper"]
+    per_alt = [r for r in records if r["stage"] == prefix]
+    if not per_alt:
+        return out
+    n_lower = max(1, len(lower) // len(per_alt))
+    n_upper = max(1, len(upper) // len(per_alt))
+    for r in lower:
+        out["lower loss"].append(((r["step"] - 1) // n_lower + 1, r["loss"]))
+    for r in upper:
+        alt = (r["step"] - 1) // n_upper + 1
+        out["upper loss (theta_P)"].append((alt, r["loss_lower_model"]))
+        if r.get("solve_checked", 1.0):
+            out["solve rel. residual"].append((alt, r["solve_rel_residual"]))
+    for r in per_alt:
+        out["HVPs (cumulative)"].append((r["step"], r["hvp_total"]))
+    return out
+
+
+def plot_bissl_stages(path: Path, records: list[dict[str, Any]], prefixes: list[str]) -> Path | None:
+    """One panel per series, one line per BiSSL stage (arm and seed)."""
+    series = {p: bissl_stage_series(records, p) for p in prefixes}
+    series = {p: s for p, s in series.items() if s}
+    if not series:
+        return None
+    plt = _pyplot()
+    keys = ["lower loss", "upper loss (theta_P)", "solve rel. residual", "HVPs (cumulative)"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.3))
+    for ax, key in zip(axes, keys, strict=True):
+        for prefix, s in series.items():
+            if s.get(key):
+                xs, ys = zip(*s[key], strict=True)
+                ax.plot(xs, ys, marker="." if len(xs) < 60 else None, linestyle="" if "residual" in key else "-",
+                        label=prefix, alpha=0.7)
+        if "residual" in key:
+            ax.set_yscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("alternation")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_comparison_plots(run: RunDir, results: dict[str, Any]) -> list[Path]:
+    """Write the comparison's plots under ``RUN/plots``; returns the paths written."""
+    if not run.writer:
+        return []
+    plots = run.path / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = [plot_accuracy(plots / "comparison_accuracy.png", results)]
+    prefixes = [f"{arm}-s{seed}" for arm in results["summary"] if arm.startswith("bissl")
+                for seed in results["seeds"]]
+    stage = plot_bissl_stages(plots / "comparison_bissl_stage.png", run.read_metrics(), prefixes)
+    return paths + ([stage] if stage else [])
