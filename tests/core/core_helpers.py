@@ -105,26 +105,31 @@ class HostSyncError(RuntimeError):
     """Raised by the patched tensor methods inside :func:`no_host_sync`."""
 
 
-_SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist")
+_SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy", "nonzero", "argwhere")
+# Functions of the torch namespace whose output shape depends on values (a device -> host copy).
+_SYNC_FUNCTIONS = ("nonzero", "argwhere")
 
 
 @contextlib.contextmanager
 def no_host_sync() -> Iterator[None]:
-    """Make every tensor -> Python conversion raise :class:`HostSyncError` inside the block."""
-    saved = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+    """Make every tensor -> host transfer raise :class:`HostSyncError` inside the block: Python
+    conversions (``item``, ``bool``, ``float``, ``int``, ``tolist``), copies to the host (``.cpu()``,
+    ``.numpy()``) and value-dependent shapes (``nonzero``, ``argwhere``, method and function)."""
+    targets = [(torch.Tensor, name) for name in _SYNC_METHODS] + [(torch, name) for name in _SYNC_FUNCTIONS]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
 
-    def make(name: str):
-        def raiser(self, *args, **kwargs):
-            raise HostSyncError(f"Tensor.{name} called inside a no-sync block")
+    def make(where: str):
+        def raiser(*args, **kwargs):
+            raise HostSyncError(f"{where} called inside a no-sync block")
         return raiser
 
     try:
-        for name in _SYNC_METHODS:
-            setattr(torch.Tensor, name, make(name))
+        for owner, name in targets:
+            setattr(owner, name, make(f"{'Tensor' if owner is torch.Tensor else 'torch'}.{name}"))
         yield
     finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 # --- ridge-regression HPO with a closed-form hypergradient ---------------------------------
