@@ -203,8 +203,9 @@ def custom_root(
         solver: linear solver for :math:`(H + \delta I) u = \bar i` (default ``CG(maxiter=100, tol=1e-6)``).
         hvp_method: Hessian-vector product method.
         damping: :math:`\delta \ge 0`.
-        on_solve: optional callback receiving the :class:`SolveStats` of every solve
-            (one per backward, two per double backward).
+        on_solve: optional callback receiving the :class:`SolveStats` of every solve (one per
+            backward, three per double backward). Under ``vmap`` the stats hold batched tensors,
+            valid only inside the transform.
 
     Example:
         >>> @custom_root(lambda i, o, X, y: ridge_loss(i, o, X, y), solver=CG(maxiter=50, tol=1e-10))
