@@ -82,7 +82,7 @@ class SolveStats:
 
     @property
     def converged(self) -> Tensor:
-        """Boolean tensor: residual within the threshold and everything finite."""
+        """Boolean tensor: residual within the threshold, everything finite and no breakdown."""
         return (self.residual_norm <= self.threshold) & ~self.nonfinite & ~self.breakdown
 
     @property

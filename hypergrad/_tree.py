@@ -98,16 +98,27 @@ def _keys_values(tree: Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
     return list(tree.keys()), list(tree.values())
 
 
+def _wrapped(leaves: list[Tensor]) -> bool:
+    """Whether a ``torch.func`` transform wraps the leaves (the fused kernels have no vmap rule)."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in leaves)
+
+
 def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
     """``a + b``."""
     keys, va = _keys_values(a)
-    return dict(zip(keys, torch._foreach_add(va, [b[k] for k in keys]), strict=True))
+    vb = [b[k] for k in keys]
+    if _wrapped(va + vb):
+        return {k: x + y for k, x, y in zip(keys, va, vb, strict=True)}
+    return dict(zip(keys, torch._foreach_add(va, vb), strict=True))
 
 
 def tree_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
     """``a - b``."""
     keys, va = _keys_values(a)
-    return dict(zip(keys, torch._foreach_sub(va, [b[k] for k in keys]), strict=True))
+    vb = [b[k] for k in keys]
+    if _wrapped(va + vb):
+        return {k: x - y for k, x, y in zip(keys, va, vb, strict=True)}
+    return dict(zip(keys, torch._foreach_sub(va, vb), strict=True))
 
 
 def _broadcast_scalar(s: Tensor, leaf: Tensor) -> Tensor:
@@ -121,7 +132,12 @@ def tree_scale(a: Mapping[str, Tensor], s: float | Tensor) -> Tree:
     """``s * a``; ``s`` is a Python number, a 0-d tensor or a (k,) tensor for batched trees."""
     keys, va = _keys_values(a)
     if isinstance(s, Tensor):
-        return dict(zip(keys, torch._foreach_mul(va, [_broadcast_scalar(s, v) for v in va]), strict=True))
+        scales = [_broadcast_scalar(s, v) for v in va]
+        if _wrapped(va + scales):
+            return {k: x * c for k, x, c in zip(keys, va, scales, strict=True)}
+        return dict(zip(keys, torch._foreach_mul(va, scales), strict=True))
+    if _wrapped(va):
+        return {k: x * s for k, x in zip(keys, va, strict=True)}
     return dict(zip(keys, torch._foreach_mul(va, s), strict=True))
 
 

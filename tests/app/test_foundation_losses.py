@@ -76,6 +76,17 @@ def test_module_validates_temperature_and_shapes() -> None:
     assert loss(z1, z2).item() == pytest.approx(nt_xent(z1, z2, 0.5).item())
 
 
+@pytest.mark.parametrize("tau", [0.1, 0.7, 2.0])
+def test_module_uses_its_temperature(tau: float) -> None:
+    """The class at non-default temperatures against the plain-Python loop (not against nt_xent)."""
+    g = torch.Generator().manual_seed(11)
+    z1 = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    z2 = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    expected = _loop_nt_xent(z1.tolist(), z2.tolist(), tau)
+    assert NTXentLoss(tau)(z1, z2).item() == pytest.approx(expected, rel=1e-10)
+    assert expected != pytest.approx(_loop_nt_xent(z1.tolist(), z2.tolist(), 0.5), rel=1e-3)
+
+
 def _gather_worker(rank: int, world: int, init_file: str) -> None:
     """Each rank checks its distributed loss/gradients against the single-process ones."""
     torch.set_num_threads(1)

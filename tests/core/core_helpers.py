@@ -105,26 +105,31 @@ class HostSyncError(RuntimeError):
     """Raised by the patched tensor methods inside :func:`no_host_sync`."""
 
 
-_SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist")
+_SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy", "nonzero", "argwhere")
+# Functions of the torch namespace whose output shape depends on values (a device -> host copy).
+_SYNC_FUNCTIONS = ("nonzero", "argwhere")
 
 
 @contextlib.contextmanager
 def no_host_sync() -> Iterator[None]:
-    """Make every tensor -> Python conversion raise :class:`HostSyncError` inside the block."""
-    saved = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+    """Make every tensor -> host transfer raise :class:`HostSyncError` inside the block: Python
+    conversions (``item``, ``bool``, ``float``, ``int``, ``tolist``), copies to the host (``.cpu()``,
+    ``.numpy()``) and value-dependent shapes (``nonzero``, ``argwhere``, method and function)."""
+    targets = [(torch.Tensor, name) for name in _SYNC_METHODS] + [(torch, name) for name in _SYNC_FUNCTIONS]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
 
-    def make(name: str):
-        def raiser(self, *args, **kwargs):
-            raise HostSyncError(f"Tensor.{name} called inside a no-sync block")
+    def make(where: str):
+        def raiser(*args, **kwargs):
+            raise HostSyncError(f"{where} called inside a no-sync block")
         return raiser
 
     try:
-        for name in _SYNC_METHODS:
-            setattr(torch.Tensor, name, make(name))
+        for owner, name in targets:
+            setattr(owner, name, make(f"{'Tensor' if owner is torch.Tensor else 'torch'}.{name}"))
         yield
     finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 # --- ridge-regression HPO with a closed-form hypergradient ---------------------------------
@@ -181,35 +186,42 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-# --- the distributed test's worker (module level so that spawned processes can import it) ---
+# --- the distributed test's problem and worker (module level so that spawned processes can import it)
 
-def sharded_ridge_data(world: int, per_rank: int = 16, d: int = 4, seed: int = 7) -> dict[str, Tensor]:
+def sharded_scaled_ridge_data(world: int, per_rank: int = 12, d: int = 3, seed: int = 7) -> dict[str, Tensor]:
+    """Data whose shards differ on purpose (each rank's features have their own scale and offset)."""
     g = generator(seed)
     n = world * per_rank
-    X = torch.randn(n, d, generator=g, dtype=F64)
+    rank_scale = torch.repeat_interleave(torch.linspace(0.5, 2.0, world, dtype=F64), per_rank)[:, None]
+    X = rank_scale * torch.randn(n, d, generator=g, dtype=F64) + rank_scale
     y = X @ torch.randn(d, generator=g, dtype=F64) + 0.5 + 0.3 * torch.randn(n, generator=g, dtype=F64)
-    Xv = torch.randn(n, d, generator=g, dtype=F64)
-    yv = torch.randn(n, generator=g, dtype=F64)
-    return {"X": X, "y": y, "Xv": Xv, "yv": yv, "log_lam": torch.tensor([-0.3, 0.2, -1.0, 0.5], dtype=F64)}
+    Xv = rank_scale * torch.randn(n, d, generator=g, dtype=F64)
+    yv = torch.randn(n, generator=g, dtype=F64) + rank_scale[:, 0]
+    outer = {"log_scale": torch.tensor([0.2, -0.4, 0.1], dtype=F64), "log_lam": torch.tensor(-0.7, dtype=F64)}
+    return {"X": X, "y": y, "Xv": Xv, "yv": yv, **outer}
 
 
-def ridge_with_intercept(X: Tensor, y: Tensor, Xv: Tensor, yv: Tensor):
-    """Mean-reduced lower/upper losses of ridge with an unregularised intercept and per-feature
-    penalties ``exp(log_lam)``."""
+def scaled_ridge(X: Tensor, y: Tensor, Xv: Tensor, yv: Tensor):
+    r"""Mean-reduced losses of ridge on learned feature scales: features :math:`x \odot e^{s}`,
+    an unregularised intercept, L2 strength :math:`e^{\ell}`; the upper loss also sees the scales
+    and has a direct term :math:`0.05\|s\|^2`. The outer variable meets the data in both the
+    mixed term and the direct term, so every rank's shard contributes its own part of each."""
 
     def lower(i, o):
-        r = X @ i["w"] + i["b"] - y
-        return 0.5 * (r**2).mean() + 0.5 * (torch.exp(o["log_lam"]) * i["w"] ** 2).sum()
+        r = (X * torch.exp(o["log_scale"])) @ i["w"] + i["b"] - y
+        return 0.5 * (r**2).mean() + 0.5 * torch.exp(o["log_lam"]) * (i["w"] ** 2).sum()
 
     def upper(i, o):
-        return 0.5 * ((Xv @ i["w"] + i["b"] - yv) ** 2).mean()
+        r = (Xv * torch.exp(o["log_scale"])) @ i["w"] + i["b"] - yv
+        return 0.5 * (r**2).mean() + 0.05 * (o["log_scale"] ** 2).sum()
 
     return lower, upper
 
 
-def ridge_with_intercept_solution(X: Tensor, y: Tensor, log_lam: Tensor) -> dict[str, Tensor]:
-    Z = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
-    reg = torch.diag(torch.cat([torch.exp(log_lam), torch.zeros(1, dtype=X.dtype)]))
+def scaled_ridge_solution(X: Tensor, y: Tensor, log_scale: Tensor, log_lam: Tensor) -> dict[str, Tensor]:
+    """The inner minimiser on all of ``X`` by a dense solve of the normal equations."""
+    Z = torch.cat([X * torch.exp(log_scale), torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
+    reg = torch.exp(log_lam) * torch.diag(torch.cat([torch.ones_like(log_scale), torch.zeros(1, dtype=X.dtype)]))
     theta = torch.linalg.solve(Z.T @ Z / X.shape[0] + reg, Z.T @ y / X.shape[0])
     return {"w": theta[:-1], "b": theta[-1]}
 
@@ -220,19 +232,17 @@ def distributed_worker(rank: int, world: int, init_method: str, out_dir: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        data = sharded_ridge_data(world)
+        data = sharded_scaled_ridge_data(world)
         per_rank = data["X"].shape[0] // world
         shard = slice(rank * per_rank, (rank + 1) * per_rank)
-        lower, upper = ridge_with_intercept(data["X"][shard], data["y"][shard], data["Xv"][shard],
-                                            data["yv"][shard])
-        inner = ridge_with_intercept_solution(data["X"], data["y"], data["log_lam"])
-        outer = {"log_lam": data["log_lam"]}
+        lower, upper = scaled_ridge(data["X"][shard], data["y"][shard], data["Xv"][shard], data["yv"][shard])
+        inner = scaled_ridge_solution(data["X"], data["y"], data["log_scale"], data["log_lam"])
+        outer = {"log_scale": data["log_scale"], "log_lam": data["log_lam"]}
         solver = hg.CG(maxiter=50, tol=1e-13)
         g_dist, stats = hg.implicit_grad(lower, upper, inner, outer, solver=solver, distributed=True)
         g_local, _ = hg.implicit_grad(lower, upper, inner, outer, solver=solver, distributed=False,
                                       stationarity_tol=None)
-        torch.save({"dist": g_dist["log_lam"], "local": g_local["log_lam"],
-                    "stationarity": stats.stationarity, "result": stats.result.name},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save({"dist": g_dist, "local": g_local, "stationarity": stats.stationarity,
+                    "result": stats.result.name}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -70,7 +70,9 @@ def test_batched_right_hand_sides_and_counts():
     single = hg.GMRES(maxiter=12, tol=0.0).solve(tree_operator(A, symmetric=False), unflatten(B[1]))
     assert torch.allclose(got[1], flatten(single.value), atol=1e-12)
     assert sol.stats.num_hvp == op.calls == 12 * 3
-    assert rel_err(got, expected) < 1e-3  # 12 of 18 dimensions: close, not exact
+    # 12 of 18 dimensions: close, not exact. Measured 1.9e-5 (11 iterations: 8.7e-5, 8: 1.2e-3),
+    # so losing a single iteration's worth of accuracy fails.
+    assert rel_err(got, expected) < 4e-5
 
 
 def test_fixed_iterations_do_not_sync_with_the_host():

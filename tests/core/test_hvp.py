@@ -226,3 +226,52 @@ def test_mixed_vjp_matches_dense_mixed_hessian():
     assert float(err) < 1e-12
     assert torch.equal(out["unused"], torch.zeros(3, dtype=F64))
     assert float(flatten(truth, oshapes).norm()) > 1e-3
+
+
+# --- the loop fallback of batched products (an operation with no batching rule) ------------
+
+class _CubeGrad(torch.autograd.Function):
+    """``3 g x^2`` whose backward runs in NumPy: it cannot be vmapped (no batching rule)."""
+
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.save_for_backward(g, x)
+        return 3 * g * x**2
+
+    @staticmethod
+    def backward(ctx, gg):
+        g, x = (t.numpy() for t in ctx.saved_tensors)
+        ggn = gg.numpy()
+        return torch.from_numpy(3 * ggn * x**2), torch.from_numpy(6 * ggn * g * x)
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        return _CubeGrad.apply(g, ctx.saved_tensors[0])
+
+
+def test_batched_products_fall_back_to_a_loop_without_a_batching_rule():
+    g = generator(21)
+    W = torch.randn(5, 4, generator=g, dtype=F64)
+    a = torch.randn(5, generator=g, dtype=F64)
+    x0 = torch.randn(4, generator=g, dtype=F64)
+    V = torch.randn(3, 4, generator=g, dtype=F64)
+
+    def f(p):
+        return (a * _Cube.apply(W @ p["x"])).sum() + 0.5 * (p["x"] ** 2).sum()
+
+    truth = V @ torch.func.hessian(lambda x: (a * (W @ x) ** 3).sum() + 0.5 * (x**2).sum())(x0)
+    # Control: the one-backward batched product cannot run on this graph.
+    p = {"x": x0.clone().requires_grad_(True)}
+    grad = torch.autograd.grad(f(p), p["x"], create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad, p["x"], V, is_grads_batched=True)
+    op = hg.HessianOperator(f, {"x": x0})
+    for _ in range(2):  # the first call falls back; the second goes straight to the loop
+        assert torch.allclose(op.matmat({"x": V})["x"], truth, rtol=1e-12, atol=1e-12)

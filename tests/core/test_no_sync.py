@@ -32,10 +32,12 @@ def test_guard_catches_every_conversion():
     """Control: the guard trips on each patched method and restores them afterwards."""
     t = torch.tensor([1.5])
     for convert in (lambda: t.item(), lambda: bool(t), lambda: float(t), lambda: int(t), lambda: t.tolist(),
-                    lambda: 1 if t > 0 else 0):
+                    lambda: 1 if t > 0 else 0, lambda: t.cpu(), lambda: t.numpy(), lambda: t.nonzero(),
+                    lambda: torch.nonzero(t), lambda: t.argwhere(), lambda: torch.argwhere(t)):
         with no_host_sync(), pytest.raises(HostSyncError):
             convert()
     assert t.item() == 1.5 and bool(t) and t.tolist() == [1.5]
+    assert t.cpu() is t and t.numpy().tolist() == [1.5] and torch.nonzero(t).tolist() == [[0]]
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
@@ -87,6 +89,29 @@ def test_checking_solve_trips_the_guard(solver):
     b = unflatten(torch.randn(TREE_SIZE, generator=generator(8), dtype=F64), TREE_SHAPES)
     with no_host_sync(), pytest.raises(HostSyncError):
         solver.solve(tree_operator(A), b)
+
+
+_HOST_TRANSFERS = {
+    "cpu": lambda r: r.cpu(),
+    "numpy": lambda r: torch.from_numpy(r.numpy()),
+    "torch.nonzero": lambda r: r + 0 * torch.nonzero(r).sum(),
+    "Tensor.nonzero": lambda r: r + 0 * r.nonzero().sum(),
+}
+
+
+@pytest.mark.parametrize("transfer", sorted(_HOST_TRANSFERS))
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_a_host_transfer_inside_the_solver_loop_trips_the_guard(transfer, name):
+    """Positive control: an operator that copies to the host (or reads a value-dependent shape)
+    inside a fixed-iteration solve is caught, although no Python number is ever produced."""
+    A = spd(TREE_SIZE, 20.0, generator(11))
+    b = unflatten(torch.randn(TREE_SIZE, generator=generator(12), dtype=F64), TREE_SHAPES)
+    op = tree_operator(A)
+    leaky = hg.FunctionOperator(lambda x: {k: _HOST_TRANSFERS[transfer](v) for k, v in op.mv(x).items()},
+                                symmetric=True)
+    FIXED[name].solve(leaky, b)  # runs fine outside the guard
+    with no_host_sync(), pytest.raises(HostSyncError):
+        FIXED[name].solve(leaky, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
