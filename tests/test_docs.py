@@ -50,10 +50,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 
-# Appended to every `bissl` command: one pretext epoch, one trial, one seed (~10 s on 2 cores).
+# Appended to every `bissl` command: one pretext epoch, one trial, one seed, one BiSSL
+# alternation of one lower and one upper step (`bissl run` on digits: ~14 s on 2 cores).
 TINY = ["pretext.epochs=1", "pretext.warmup_epochs=0", "pretext.eval_every_epochs=1",
         "pretext.probe_epochs=1", "warmup.epochs=1", "finetune.epochs=1", "finetune.warmup_epochs=0",
-        "search.trials=1", "search.trial_epochs=1", "search.seeds=1"]
+        "search.trials=1", "search.trial_epochs=1", "search.seeds=1",
+        "bissl.alternations=1", "bissl.lower_steps=1", "bissl.upper_steps=1"]
 
 PYTHON_LANGS = {"python", "py", "pycon"}
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
