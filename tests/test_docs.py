@@ -222,10 +222,24 @@ def count_blocks(page: Path) -> tuple[int, int]:
     text = page.read_text()
     langs = PYTHON_LANGS if page.name == "README.md" else PYTHON_LANGS | SHELL_LANGS
     opening = rf"^[ \t]*(?:```|~~~)[ \t]*(?:{'|'.join(sorted(langs))})[ \t]*$"
-    return len(re.findall(opening, text, re.M)), len(re.findall(r"<!--\s*docs-test:\s*skip\b", text))
+    skips = re.findall(r"^[ \t]*<!--\s*docs-test:\s*skip\b", text, re.M)
+    return len(re.findall(opening, text, re.M)), len(skips)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+# Pages whose owner has not added the markers yet. strict: once the page passes, this entry
+# must be removed (an unexpected pass fails the test).
+PENDING = {
+    "bissl.md": "its shell block runs `bissl run -c fashion-mnist --data-root DATA` and `torchrun`: "
+                "needs `<!-- docs-test: skip ... -->` markers (split the block), see docs/architecture.md",
+}
+
+
+def _page_param(page: Path) -> object:
+    marks = [pytest.mark.xfail(strict=True, reason=PENDING[page.name])] if page.name in PENDING else []
+    return pytest.param(page, id=page.name, marks=marks)
+
+
+@pytest.mark.parametrize("page", [_page_param(p) for p in PAGES])
 def test_page_code_blocks_run(page: Path, tmp_path: Path) -> None:
     held, marked = count_blocks(page)
     ran = run_page(page, tmp_path)
