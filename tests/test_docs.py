@@ -226,8 +226,9 @@ def count_blocks(page: Path) -> tuple[int, int]:
     return len(re.findall(opening, text, re.M)), len(skips)
 
 
-# Pages whose owner has not added the markers yet. strict: once the page passes, this entry
-# must be removed (an unexpected pass fails the test).
+# A page whose owner has not added markers yet is reported as an expected failure (not run)
+# only while it holds no `docs-test:` marker at all; the first marker makes it a normal test,
+# and this entry can then be deleted.
 PENDING = {
     "bissl.md": "its shell block runs `bissl run -c fashion-mnist --data-root DATA` and `torchrun`: "
                 "needs `<!-- docs-test: skip ... -->` markers (split the block), see docs/architecture.md",
@@ -235,7 +236,8 @@ PENDING = {
 
 
 def _page_param(page: Path) -> object:
-    marks = [pytest.mark.xfail(strict=True, reason=PENDING[page.name])] if page.name in PENDING else []
+    pending = page.name in PENDING and "docs-test:" not in page.read_text()
+    marks = [pytest.mark.xfail(run=False, reason=PENDING[page.name])] if pending else []
     return pytest.param(page, id=page.name, marks=marks)
 
 
