@@ -193,4 +193,6 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=20.0, help="step: a -= lr * N * grad")
     parser.add_argument("--small", action="store_true", help="300 training examples, 10 steps (tests)")
     args = parser.parse_args()
+    if args.steps < 1 or not args.lr > 0:
+        parser.error(f"need --steps >= 1 and --lr > 0, got --steps {args.steps} --lr {args.lr}")
     main(args.steps, args.lr, args.small)

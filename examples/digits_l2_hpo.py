@@ -249,4 +249,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not math.isfinite(args.lr) or args.lr <= 0:
         parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.steps < 2:
+        parser.error(f"--steps must be >= 2 (one step and the point it reaches), got {args.steps}")
     main(args.steps, args.lr, args.small, args.plot or None)
