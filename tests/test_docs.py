@@ -25,7 +25,8 @@ Markers (an HTML comment above the opening fence, blank lines allowed; invisible
 * ``<!-- docs-test: skip REASON -->`` — do not run this block; REASON is required (e.g. "needs
   the STL-10 files", "spawns 2 processes; covered by tests/core/test_distributed.py").
 * ``<!-- docs-test: set KEY=VALUE [KEY=VALUE ...] -->`` — extra ``--set`` overrides appended to
-  every ``bissl`` command of the next shell block, after ``TINY``.
+  every ``bissl`` command of the next shell block, after ``TINY``; items are separated by
+  spaces, so write values without spaces (``augment.crop_scale=[0.2,1.0]``).
 
 A marker that is not directly above a fence, an unknown marker, or a skip without a reason
 fails the test. Each page's test fails if fewer blocks ran than the page holds minus its
