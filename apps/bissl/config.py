@@ -40,11 +40,15 @@ class DataConfig(_Section):
 
     dataset: str = Field("digits", description="downstream dataset (a key of bissl.data.DATASETS)")
     pretext_dataset: str | None = Field(None, description="pretext dataset; None = same as dataset")
-    pretext_split: Literal["train", "unlabeled"] = "train"
+    pretext_split: Literal["train", "unlabeled"] = Field(
+        "train", description="split used for SimCLR (labels ignored); 'unlabeled' exists for stl10 only"
+    )
     root: str | None = Field(None, description="dataset root folder (not needed for digits)")
-    image_size: int = Field(16, ge=8, le=512)
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    num_workers: int = Field(0, ge=0, le=64)
+    image_size: int = Field(16, ge=8, le=512, description="side in pixels the images are resized to")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="fraction of the labelled training split held out for validation"
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 = main process)")
 
     @property
     def pretext_name(self) -> str:
@@ -55,11 +59,13 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Backbone and SimCLR projector."""
 
-    arch: Literal["resnet18", "resnet-small"] = "resnet-small"
+    arch: Literal["resnet18", "resnet-small"] = Field(
+        "resnet-small", description="backbone: torchvision-style ResNet-18 or a narrow 4-stage ResNet"
+    )
     small_images: bool = Field(True, description="3x3 stride-1 stem without max-pool (16-32 px)")
     width: int = Field(16, ge=1, le=512, description="base width of resnet-small (ignored by resnet18)")
-    projector_hidden_dim: int = Field(256, ge=1)
-    projector_out_dim: int = Field(256, ge=1)
+    projector_hidden_dim: int = Field(256, ge=1, description="hidden width of the SimCLR projector MLP")
+    projector_out_dim: int = Field(256, ge=1, description="output width of the projector (NT-Xent space)")
     sync_bn: bool = Field(True, description="SyncBN when distributed on GPU (pretext and fine-tuning)")
 
 
@@ -73,7 +79,7 @@ class AugmentConfig(_Section):
     downstream_crop_scale: tuple[float, float] = Field(
         (0.08, 1.0), description="fine-tuning crop area range"
     )
-    blur: bool = True
+    blur: bool = Field(True, description="SimCLR Gaussian blur (off for digits: it erases 16 px images)")
     hflip: bool = Field(
         True, description="random horizontal flips (reference: on); off for digits, whose mirror images are other shapes"
     )
@@ -93,17 +99,19 @@ class AugmentConfig(_Section):
 class PretextConfig(_Section):
     """SimCLR pretext training with LARS and warm-up + cosine schedule."""
 
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="SimCLR training epochs")
     batch_size: int = Field(256, ge=2, description="global batch of image pairs")
-    lr: float = Field(4.8, gt=0.0)
+    lr: float = Field(4.8, gt=0.0, description="LARS base learning rate (see lr_scaled_by_batch)")
     lr_scaled_by_batch: bool = Field(
         False, description="True: lr * batch_size / 256 (reference quirk 2: not scaled)"
     )
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-6, ge=0.0)
-    trust_coefficient: float = Field(0.001, gt=0.0)
-    lars_exclude_bias_and_norm: bool = True
-    temperature: float = Field(0.5, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="LARS momentum")
+    weight_decay: float = Field(1e-6, ge=0.0, description="LARS weight decay")
+    trust_coefficient: float = Field(0.001, gt=0.0, description="LARS trust ratio coefficient (eta)")
+    lars_exclude_bias_and_norm: bool = Field(
+        True, description="no weight decay / LARS scaling on biases and norm layers (reference: false)"
+    )
+    temperature: float = Field(0.5, gt=0.0, description="NT-Xent temperature")
     view_passes: Literal["separate", "joint"] = Field(
         "separate",
         description="how the two SimCLR views go through backbone and projector: 'separate' "
@@ -112,12 +120,12 @@ class PretextConfig(_Section):
         "one field governs pretext training, the BiSSL lower steps and the BiSSL Hessian alike",
     )
     warmup_epochs: int = Field(10, ge=0, description="linear warm-up, in pretext epochs' steps")
-    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0)
-    grad_clip: float | None = Field(None, gt=0.0)
+    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine schedule ends at lr * this")
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; None = no clipping")
     eval_every_epochs: int = Field(10, ge=1, description="kNN + linear probe every N epochs")
-    knn_k: int = Field(20, ge=1)
-    knn_temperature: float = Field(0.1, gt=0.0)
-    probe_epochs: int = Field(100, ge=1)
+    knn_k: int = Field(20, ge=1, description="neighbours of the weighted kNN monitor")
+    knn_temperature: float = Field(0.1, gt=0.0, description="temperature of the kNN monitor's similarity weights")
+    probe_epochs: int = Field(100, ge=1, description="epochs of the full-batch linear probe monitor")
     probe_lr: float = Field(0.01, gt=0.0, description="Adam lr of the full-batch linear probe")
 
     @model_validator(mode="after")
@@ -139,10 +147,10 @@ class WarmupConfig(_Section):
     """Linear warm-up of a new head on the frozen pretext backbone."""
 
     epochs: int = Field(20, ge=0, description="0 disables the stage")
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.015, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    batch_size: int = Field(256, ge=1, description="global batch size")
+    lr: float = Field(0.015, gt=0.0, description="SGD learning rate (constant)")
+    weight_decay: float = Field(0.01, ge=0.0, description="SGD weight decay")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     bn_train_mode: bool = Field(
         True, description="reference: BN stays in train mode while the backbone is frozen"
     )
@@ -151,18 +159,18 @@ class WarmupConfig(_Section):
 class FinetuneConfig(_Section):
     """Fine-tuning of the whole backbone plus a linear head (SGD, cosine schedule)."""
 
-    epochs: int = Field(400, ge=1)
-    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(400, ge=1, description="fine-tuning epochs (each search seed)")
+    batch_size: int = Field(256, ge=1, description="global batch size")
     lr: float = Field(0.05, gt=0.0, description="used by `bissl finetune` (search picks its own)")
-    weight_decay: float = Field(1e-4, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0)
-    warmup_epochs: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0.0, description="used by `bissl finetune` (search picks its own)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine schedule ends at lr * this")
+    warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up epochs")
     head_init: Literal["new", "warmup"] = Field(
         "new", description="new linear head (reference) or the linear warm-up's head"
     )
-    grad_clip: float | None = Field(None, gt=0.0)
-    eval_every_epochs: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; None = no clipping")
+    eval_every_epochs: int = Field(1, ge=1, description="validation top-1 every N epochs")
 
     @model_validator(mode="after")
     def _check_warmup(self) -> FinetuneConfig:
@@ -177,10 +185,12 @@ class FinetuneConfig(_Section):
 class SearchConfig(_Section):
     """Random search over fine-tuning (lr, wd), then several seeds at the best setting."""
 
-    trials: int = Field(200, ge=1)
-    lr_range: tuple[float, float] = (1e-4, 1.0)
-    wd_range: tuple[float, float] = (1e-5, 1e-2)
-    seeds: int = Field(10, ge=1)
+    trials: int = Field(200, ge=1, description="random-search trials (Optuna, resumable)")
+    lr_range: tuple[float, float] = Field((1e-4, 1.0), description="fine-tuning lr range, sampled log-uniformly")
+    wd_range: tuple[float, float] = Field(
+        (1e-5, 1e-2), description="fine-tuning weight-decay range, sampled log-uniformly"
+    )
+    seeds: int = Field(10, ge=1, description="seeds fine-tuned at the best setting (mean ± std reported)")
     trial_epochs: int | None = Field(None, ge=1, description="None = finetune.epochs")
     sampler_seed: int | None = Field(None, description="None = the run seed")
 
@@ -198,8 +208,8 @@ class SearchConfig(_Section):
 class EvalConfig(_Section):
     """Evaluation settings."""
 
-    batch_size: int = Field(512, ge=1)
-    topk: tuple[int, ...] = (1, 5)
+    batch_size: int = Field(512, ge=1, description="evaluation batch size")
+    topk: tuple[int, ...] = Field((1, 5), description="top-k accuracies reported")
 
 
 SolverName = Literal["cg", "layerwise_cg", "minres", "neumann", "nystrom_pcg", "identity"]
@@ -278,21 +288,21 @@ ARMS: tuple[str, ...] = ("conventional", "conventional+", "bissl", "bissl-identi
 class RunConfig(_Section):
     """The whole run: one section per stage (``bissl:`` is the BiSSL stage)."""
 
-    name: str = "digits"
-    seed: int = Field(0, ge=0)
-    deterministic: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every_steps: int = Field(100, ge=1)
-    log_every_steps: int = Field(10, ge=1)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    pretext: PretextConfig = Field(default_factory=PretextConfig)
-    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    search: SearchConfig = Field(default_factory=SearchConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    bissl: BiSSLConfig = Field(default_factory=BiSSLConfig)
+    name: str = Field("digits", description="run name (prefix of the default run directory)")
+    seed: int = Field(0, ge=0, description="seed of data splits, initialisation and sampling")
+    deterministic: bool = Field(False, description="force deterministic torch kernels (slower)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    checkpoint_every_steps: int = Field(100, ge=1, description="atomic checkpoint every N optimiser steps")
+    log_every_steps: int = Field(10, ge=1, description="metrics.jsonl line every N steps")
+    data: DataConfig = Field(default_factory=DataConfig, description="datasets and splits")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="backbone and projector")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="augmentations")
+    pretext: PretextConfig = Field(default_factory=PretextConfig, description="SimCLR pretext stage")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="linear warm-up stage")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="fine-tuning stage")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="hyperparameter search stage")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    bissl: BiSSLConfig = Field(default_factory=BiSSLConfig, description="BiSSL stage (lower/upper alternation)")
     arms: tuple[ArmName, ...] = Field(
         ("conventional", "conventional+", "bissl", "bissl-identity"),
         description="arms `bissl run` compares, all from one shared pretext checkpoint: conventional "
