@@ -10,6 +10,7 @@ Examples::
     bissl bilevel --run-dir runs/a              # BiSSL stage on runs/a's pretext checkpoint
     bissl search --run-dir runs/a               # fine-tuning search + seeds on runs/a's backbone
     bissl validate -c stl10-paper               # check config + dry run on random tensors
+    bissl report runs/a                         # table and plots again from runs/a/results/runs.jsonl
     torchrun --nproc-per-node 2 -m bissl.cli pretrain -c digits --run-dir runs/ddp
 """
 
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n" + __doc__.split("Examples::\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    rep = sub.add_parser("report", help="rebuild the comparison table, JSON and plots of `bissl run` "
+                         "directories from their results/runs.jsonl",
+                         description="rebuild the comparison table, JSON and plots from results/runs.jsonl")
+    rep.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     for name, text in _COMMANDS.items():
         p = sub.add_parser(name, parents=[common], help=text, description=text)
         if name == "validate":
@@ -78,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=None, metavar="N",
                            help="paired seed runs per arm (sets search.seeds)")
     return parser
+
+
+_EXTENSIBLE = ("arms:", "search.seeds:")
+"""Fields `bissl run --resume` may change: which arms and how many seeds to run, not how."""
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -100,7 +109,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             return validate_config(saved_raw)
         raw = yaml.safe_load(yaml.safe_dump(saved_raw)) if args.config is None else None
         cfg = _from_args(args, raw)
-        diffs = _config_diff(saved_raw, cfg.model_dump(mode="json"))
+        diffs = [d for d in _config_diff(saved_raw, cfg.model_dump(mode="json"))
+                 if not (args.command == "run" and d.startswith(_EXTENSIBLE))]
         if diffs:
             raise ConfigError(
                 f"--run-dir {args.run_dir} already holds a run with a different config:\n  "
@@ -168,9 +178,23 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
         shutdown(info)
 
 
+def _report(run_dirs: Sequence[Path]) -> int:
+    from bissl.compare import report
+
+    try:
+        for run_dir in run_dirs:
+            print(report(run_dir), flush=True)
+    except (FileNotFoundError, ConfigError) as exc:
+        print(f"bissl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bissl`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return _report(args.run_dirs)
     args.overrides = [*args.overrides, *_run_overrides(args)]
     from bissl.data import DatasetNotFoundError
 

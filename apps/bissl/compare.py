@@ -21,11 +21,14 @@ chosen (lr, wd) — so arms pair by seed. The test split is read once per seed r
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bissl.checkpoint import load_checkpoint
@@ -111,12 +114,46 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], level:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}
 
 
+def _append(run: RunDir, record: dict[str, Any]) -> None:
+    """Append one finished piece of work to ``RUN/results/runs.jsonl`` (main process only)."""
+    if run.writer:
+        path = run.path / "results" / "runs.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_runs(run_dir: Path) -> dict[str, Any]:
+    """Arms as recorded in ``runs.jsonl``: ``{arm: {"search": ..., "seeds": {seed: {...}}}}``.
+
+    Later records of the same (arm, seed, kind) replace earlier ones; "test" records add the
+    test metrics to the seed's fine-tuning record.
+    """
+    arms: dict[str, Any] = {}
+    path = run_dir / "results" / "runs.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for rec in map(json.loads, filter(None, lines)):
+        arm = arms.setdefault(rec["arm"], {"search": None, "seeds": {}})
+        if rec["kind"] == "search":
+            arm["search"] = rec["best"]
+        elif rec["kind"] == "seed":
+            arm["seeds"].setdefault(str(rec["seed"]), {}).update(rec["result"])
+        elif rec["kind"] == "test":
+            arm["seeds"].setdefault(str(rec["seed"]), {})["test"] = rec["metrics"]
+    return arms
+
+
 def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
                    step_hook: StepHook | None = None) -> dict[str, Any]:
     """Pretext -> warm-up -> every arm (search on the first seed, then each seed) -> test -> table.
 
-    Results land in ``RUN/results/comparison.json`` (per arm: search, per-seed spend and
-    accuracies, summaries, paired differences to the conventional arm).
+    Each finished piece (a search, a seed run, a test evaluation) is appended to
+    ``RUN/results/runs.jsonl``, the source of the table (``bissl report RUN`` rebuilds it), so an
+    interrupted comparison still reports what finished and ``--resume`` continues where it
+    stopped; finished stages are reloaded, not rerun. ``RUN/results/comparison.json`` holds the
+    summary: per arm mean ± std and paired differences to the conventional arm.
     """
     start = time.perf_counter()
     splits = load_splits(cfg, info)
@@ -129,45 +166,45 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
     run_pretext(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
 
-    arms: dict[str, Any] = {}
     for arm in cfg.arms:
-        t0 = time.perf_counter()
         acfg = arm_config(cfg, arm)
         arm_run = RunDir.create(run.path / "arms" / arm, acfg, writer=info.is_main)
-        done = arm_run.read_result("arm")
-        if done is not None:
-            arms[arm] = done
-            continue
-        if info.is_main:
-            print(f"[run] arm {arm}", flush=True)
-        per_seed: dict[str, Any] = {}
+        recorded = read_runs(run.path).get(arm, {"search": None, "seeds": {}})
         best = None
         for i, seed in enumerate(seeds):
+            if str(seed) in recorded["seeds"] and recorded["search"] is not None:
+                continue
+            if info.is_main:
+                print(f"[run] arm {arm}, seed {seed}", flush=True)
+            t0 = time.perf_counter()
             stage = arm_stage(cfg, run, info, splits, arm, seed, step_hook=step_hook)
             if best is None:  # the search runs once, on the first seed's backbone
-                best = search_hyperparameters(acfg, arm_run, info, splits, init=stage.init, resume=True,
-                                              step_hook=step_hook)
+                best = search_hyperparameters(acfg, arm_run, info, splits, init=stage.init if i == 0 else
+                                              arm_stage(cfg, run, info, splits, arm, seeds[0]).init,
+                                              resume=True, step_hook=step_hook)
+                if recorded["search"] is None:
+                    _append(run, {"arm": arm, "kind": "search", "best": best.__dict__, "trial_seed": cfg.seed})
+                    recorded["search"] = best.__dict__
             ft = run_finetune(acfg, arm_run, info, splits, lr=best.lr, weight_decay=best.weight_decay,
                               seed=seed, name=f"seed{i}", resume=True, init=stage.init, step_hook=step_hook)
-            per_seed[str(seed)] = {"val_top1": ft.best_val_top1, "pretext_images": stage.pretext_images,
-                                   "supervised_steps": stage.supervised_steps, "num_hvp": stage.num_hvp,
-                                   "stage_seconds": stage.seconds, "finetune_name": f"seed{i}"}
-        assert best is not None
-        arms[arm] = {"search": best.__dict__, "seeds": per_seed, "trial_seed": cfg.seed,
-                     "wall_s": time.perf_counter() - t0}
-        arm_run.write_result("arm", arms[arm])
+            _append(run, {"arm": arm, "kind": "seed", "seed": seed, "result": {
+                "val_top1": ft.best_val_top1, "pretext_images": stage.pretext_images,
+                "supervised_steps": stage.supervised_steps, "num_hvp": stage.num_hvp,
+                "stage_seconds": stage.seconds, "finetune_name": f"seed{i}", "lr": best.lr,
+                "weight_decay": best.weight_decay, "seconds": time.perf_counter() - t0}})
 
     # The test split, read once per seed run, at the end.
+    arms = read_runs(run.path)
     for arm in cfg.arms:
         arm_run = RunDir(run.path / "arms" / arm, writer=info.is_main)
-        for seed, rec in arms[arm]["seeds"].items():
+        for seed in seeds:
+            rec = arms[arm]["seeds"][str(seed)]
             if "test" not in rec:
-                rec["test"] = on_main(info, lambda arm_run=arm_run, rec=rec, arm=arm: test_metrics(
+                metrics = on_main(info, lambda arm=arm, arm_run=arm_run, rec=rec: test_metrics(
                     arm_config(cfg, arm), arm_run, info, splits, rec["finetune_name"]))
-                run.log(f"test/{arm}", int(seed), **rec["test"])
-        arm_run.write_result("arm", arms[arm])
-
-    results = summarise(cfg, arms)
+                _append(run, {"arm": arm, "kind": "test", "seed": seed, "metrics": metrics})
+                run.log(f"test/{arm}", seed, **metrics)
+    results = summarise(cfg, read_runs(run.path))
     results["wall_s"] = time.perf_counter() - start
     if info.is_main:
         run.write_result("comparison", results)
@@ -180,20 +217,30 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
     return results
 
 
-def summarise(cfg: RunConfig, arms: dict[str, Any]) -> dict[str, Any]:
-    """Mean ± std per arm and metric, and paired differences to the conventional arm."""
+def summarise(cfg: RunConfig, recorded: dict[str, Any]) -> dict[str, Any]:
+    """Mean ± std per arm and metric over the seed runs with a test result, and paired
+    differences to the conventional arm (over the seeds both have)."""
     metrics = [f"top{k}" for k in cfg.eval.topk]
-    out: dict[str, Any] = {"arms": arms, "summary": {}, "seeds": seed_run_seeds(cfg), "baseline": BASELINE}
+    arms = {a: recorded[a] for a in cfg.arms if a in recorded}
+    for rec in arms.values():
+        rec["seeds"] = {s: r for s, r in rec["seeds"].items() if "test" in r}
+    arms = {a: r for a, r in arms.items() if r["seeds"]}
+    seeds_all = sorted({int(s) for r in arms.values() for s in r["seeds"]})
+    out: dict[str, Any] = {"arms": arms, "summary": {}, "seeds": seeds_all, "baseline": BASELINE}
     for arm, rec in arms.items():
-        seeds = list(rec["seeds"])
-        row: dict[str, Any] = {"n": len(seeds), "wall_s": rec["wall_s"],
-                               "num_hvp": sum(rec["seeds"][s]["num_hvp"] for s in seeds)}
+        seeds = sorted(rec["seeds"], key=int)
+        row: dict[str, Any] = {"n": len(seeds), "wall_s": sum(rec["seeds"][s]["seconds"] for s in seeds),
+                               "num_hvp": sum(rec["seeds"][s]["num_hvp"] for s in seeds),
+                               "search": rec["search"]}
         for m in metrics:
             vals = [rec["seeds"][s]["test"][m] for s in seeds]
             row[m] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
             if BASELINE in arms and arm != BASELINE:
-                base = [arms[BASELINE]["seeds"][s]["test"][m] for s in seeds]
-                row[f"{m}_vs_{BASELINE}"] = paired_difference(vals, base)
+                both = [s for s in seeds if s in arms[BASELINE]["seeds"]]
+                if both:
+                    row[f"{m}_vs_{BASELINE}"] = paired_difference(
+                        [rec["seeds"][s]["test"][m] for s in both],
+                        [arms[BASELINE]["seeds"][s]["test"][m] for s in both])
         out["summary"][arm] = row
     return out
 
@@ -221,5 +268,29 @@ def comparison_table(cfg: RunConfig, results: dict[str, Any]) -> str:
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.append(f"wall time: {results.get('wall_s', float('nan')):.1f} s (this invocation)")
+    lines.append("wall (s): the arm's extra training, search and fine-tuning, summed over its seed runs")
+    if "wall_s" in results:
+        lines.append(f"wall time of this invocation: {results['wall_s']:.1f} s")
     return "\n".join(lines)
+
+
+def report(run_dir: Path) -> str:
+    """Rebuild ``comparison.json``, ``table.txt`` and the plots of a run from its ``runs.jsonl``."""
+    import yaml
+
+    from bissl.config import validate_config
+    from bissl.report import write_comparison_plots
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found. Fix: pass the run directory of a `bissl run`")
+    cfg = validate_config(yaml.safe_load(cfg_path.read_text()))
+    results = summarise(cfg, read_runs(run_dir))
+    if not results["arms"]:
+        raise FileNotFoundError(f"{run_dir / 'results' / 'runs.jsonl'} holds no evaluated seed run yet")
+    run = RunDir(run_dir)
+    run.write_result("comparison", results)
+    table = comparison_table(cfg, results)
+    (run_dir / "results" / "table.txt").write_text(table + "\n")
+    write_comparison_plots(run, results)
+    return table

@@ -50,6 +50,12 @@ class DataConfig(_Section):
     )
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 = main process)")
 
+    train_per_class: int | None = Field(
+        None, ge=1, description="downstream train split cut to this many labelled images per class "
+        "(class-balanced, drawn with the run seed): a label-scarce downstream set; None = all")
+    val_per_class: int | None = Field(
+        None, ge=1, description="validation split cut to this many images per class; None = all")
+
     @property
     def pretext_name(self) -> str:
         """Name of the dataset used by the pretext stage."""

@@ -466,6 +466,40 @@ def _train_pool(spec: DatasetSpec, root: str | Path | None) -> tuple[Dataset, li
     return full, pool
 
 
+def labels_of(dataset: Dataset) -> list[int]:
+    """The integer labels of ``dataset``, read without decoding images where the loader allows."""
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, _ImageTensorDataset):
+        return [int(v) for v in dataset.labels.tolist()]
+    if isinstance(dataset, _PILDataset) and hasattr(dataset.base, "targets"):
+        return [int(v) for v in torch.as_tensor(dataset.base.targets).tolist()]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+def balanced_subset(dataset: Dataset, per_class: int, seed: int, *, field: str) -> Subset:
+    """``per_class`` items of every class, drawn with ``seed`` (a label-scarce, class-balanced set).
+
+    Raises:
+        ValueError: a class has fewer than ``per_class`` items (naming ``field``).
+    """
+    labels = labels_of(dataset)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    smallest = min(len(v) for v in by_class.values())
+    if per_class > smallest:
+        raise ValueError(f"{field}: got {per_class}, but a class has only {smallest} items in this split. "
+                         f"Fix: --set {field}={smallest}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        chosen += [idx[int(j)] for j in torch.randperm(len(idx), generator=generator)[:per_class]]
+    return Subset(dataset, sorted(chosen))
+
+
 def load_split(
     name: str,
     split: Split,

@@ -3,8 +3,8 @@
 ``write_comparison_plots(run, results)`` writes
 
 * ``plots/comparison_accuracy.png`` — test top-1 per arm, one line per seed (paired seeds);
-* ``plots/comparison_bissl_stage.png`` — for every BiSSL arm and seed: lower loss, upper loss
-  (at theta_P), solve relative residuals and cumulative HVPs per alternation.
+* ``plots/comparison_bissl_stage.png`` — for every BiSSL arm and seed, per alternation: mean
+  lower loss, mean upper loss (at theta_P), the worst solve's relative residual, cumulative HVPs.
 """
 
 from __future__ import annotations
@@ -47,24 +47,30 @@ def plot_accuracy(path: Path, results: dict[str, Any], metric: str = "top1") -> 
 
 
 def bissl_stage_series(records: list[dict[str, Any]], prefix: str) -> dict[str, list[tuple[int, float]]]:
-    """Per-alternation series of a BiSSL stage named ``prefix`` from the metrics log."""
-    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    lower = [r for r in records if r["stage"] == f"{prefix}-lower"]
-    upper = [r for r in records if r["stage"] == f"{prefix}-upper"]
+    """Per-alternation series of a BiSSL stage named ``prefix`` from the metrics log.
+
+    Losses are means over the alternation's steps; the residual is the worst solve of the
+    alternation; HVPs are cumulative.
+    """
     per_alt = [r for r in records if r["stage"] == prefix]
+    out: dict[str, list[tuple[int, float]]] = {}
     if not per_alt:
         return out
-    n_lower = max(1, len(lower) // len(per_alt))
-    n_upper = max(1, len(upper) // len(per_alt))
+    lower = [r for r in records if r["stage"] == f"{prefix}-lower"]
+    upper = [r for r in records if r["stage"] == f"{prefix}-upper"]
+    n_lower, n_upper = max(1, len(lower) // len(per_alt)), max(1, len(upper) // len(per_alt))
+    groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in lower:
-        out["lower loss"].append(((r["step"] - 1) // n_lower + 1, r["loss"]))
+        groups["lower loss"][(r["step"] - 1) // n_lower + 1].append(r["loss"])
     for r in upper:
         alt = (r["step"] - 1) // n_upper + 1
-        out["upper loss (theta_P)"].append((alt, r["loss_lower_model"]))
+        groups["upper loss (theta_P)"][alt].append(r["loss_lower_model"])
         if r.get("solve_checked", 1.0):
-            out["solve rel. residual"].append((alt, r["solve_rel_residual"]))
-    for r in per_alt:
-        out["HVPs (cumulative)"].append((r["step"], r["hvp_total"]))
+            groups["solve rel. residual"][alt].append(r["solve_rel_residual"])
+    for key, by_alt in groups.items():
+        reduce = max if "residual" in key else (lambda v: sum(v) / len(v))
+        out[key] = [(a, float(reduce(v))) for a, v in sorted(by_alt.items())]
+    out["HVPs (cumulative)"] = [(r["step"], r["hvp_total"]) for r in per_alt]
     return out
 
 
@@ -81,8 +87,7 @@ def plot_bissl_stages(path: Path, records: list[dict[str, Any]], prefixes: list[
         for prefix, s in series.items():
             if s.get(key):
                 xs, ys = zip(*s[key], strict=True)
-                ax.plot(xs, ys, marker="." if len(xs) < 60 else None, linestyle="" if "residual" in key else "-",
-                        label=prefix, alpha=0.7)
+                ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=prefix, alpha=0.7)
         if "residual" in key:
             ax.set_yscale("log")
         ax.set_title(key)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from bissl.augment import TransformedDataset, downstream_transforms, normalization_stats
 from bissl.checkpoint import load_checkpoint, restore_rng_state
 from bissl.config import ConfigError, RunConfig, check_data_sizes
-from bissl.data import DATASETS, DatasetSpec, load_split
+from bissl.data import DATASETS, DatasetSpec, balanced_subset, load_split
 from bissl.distributed import DistInfo
 from bissl.metrics import topk_accuracy
 from bissl.models import Classifier, LinearHead, build_backbone
@@ -89,11 +89,19 @@ def load_splits(cfg: RunConfig, info: DistInfo) -> Splits:
     """Load all splits (lazily where the loader allows) and check batch sizes against them."""
     d = cfg.data
     kw: dict[str, Any] = {"root": d.root, "val_fraction": d.val_fraction, "seed": cfg.seed}
+    train, val = load_split(d.dataset, "train", **kw), load_split(d.dataset, "val", **kw)
+    try:
+        if d.train_per_class is not None:
+            train = balanced_subset(train, d.train_per_class, cfg.seed, field="data.train_per_class")
+        if d.val_per_class is not None:
+            val = balanced_subset(val, d.val_per_class, cfg.seed + 1, field="data.val_per_class")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     splits = Splits(
         spec=DATASETS[d.dataset],
         pretext=load_split(d.pretext_name, d.pretext_split, **kw),
-        train=load_split(d.dataset, "train", **kw),
-        val=load_split(d.dataset, "val", **kw),
+        train=train,
+        val=val,
         test=load_split(d.dataset, "test", **kw),
     )
     check_data_sizes(cfg, splits.sizes(), info.world_size)

@@ -1,0 +1,143 @@
+"""`bissl run`: every arm on tiny digits, matched budgets, paired seeds, one test read, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from bissl.checkpoint import load_checkpoint
+from scipy import stats
+
+ARMS = ["conventional", "conventional+", "bissl", "bissl-identity", "scratch"]
+SEEDS = [1, 2]  # seed runs of a run with seed 0 (the trials' seed)
+ALTERNATIONS, LOWER, UPPER, LOWER_BATCH = 2, 3, 2, 64
+TINY = ["deterministic=true", "model.width=8", "pretext.epochs=2", "pretext.warmup_epochs=1",
+        "pretext.eval_every_epochs=2", "pretext.probe_epochs=10", "warmup.epochs=1", "finetune.epochs=1",
+        "search.trials=2", "search.trial_epochs=1", f"bissl.alternations={ALTERNATIONS}",
+        f"bissl.lower_steps={LOWER}", f"bissl.upper_steps={UPPER}", f"bissl.lower_batch_size={LOWER_BATCH}",
+        "bissl.hessian_batch_size=16", "bissl.upper_batch_size=32",
+        "bissl.delta=100"]  # a 2-epoch backbone: more damping keeps the system positive definite
+KILL = ("bissl-s2", 1)  # inside the bissl arm's second seed, after its first checkpoint
+
+_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from bissl.config import load_config
+    from bissl.distributed import DistInfo
+    from bissl.pipeline import run
+    from bissl.rundir import RunDir
+
+    run_dir, stage, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg = load_config("digits", sys.argv[4:])
+
+    def hook(name, n):
+        if name == stage and n == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run(cfg, RunDir.create(run_dir, cfg), DistInfo(), step_hook=hook)
+""")
+
+
+def _cli_args() -> list[str]:
+    return [a for s in TINY for a in ("--set", s)] + ["--arms", ",".join(ARMS), "--seeds", str(len(SEEDS))]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("compare") / "clean"
+    proc = _run("-m", "bissl.cli", "run", "--run-dir", str(run_dir), *_cli_args())
+    assert not proc.returncode, proc.stderr[-3000:]
+    assert "BiSSL vs conventional" in proc.stdout
+    return run_dir
+
+
+@pytest.mark.timeout(1200)
+def test_every_arm_runs_with_matched_budgets(clean: Path) -> None:
+    assert (clean / "results" / "table.txt").is_file()
+    assert {p.name for p in (clean / "plots").glob("comparison_*.png")} == {
+        "comparison_accuracy.png", "comparison_bissl_stage.png"}
+    records = _jsonl(clean / "results" / "runs.jsonl")
+    seed_recs = {(r["arm"], r["seed"]): r["result"] for r in records if r["kind"] == "seed"}
+    assert set(seed_recs) == {(a, s) for a in ARMS for s in SEEDS}
+
+    for s in SEEDS:
+        conv, plus, bissl = seed_recs[("conventional", s)], seed_recs[("conventional+", s)], seed_recs[("bissl", s)]
+        # conventional's extra pretext images = bissl's lower-step images (one number, from bissl:)
+        assert conv["pretext_images"] == bissl["pretext_images"] == ALTERNATIONS * LOWER * LOWER_BATCH
+        assert plus["pretext_images"] == conv["pretext_images"]
+        # conventional+'s extra supervised steps = bissl's upper steps
+        assert plus["supervised_steps"] == bissl["supervised_steps"] == ALTERNATIONS * UPPER
+        assert conv["supervised_steps"] == 0 and seed_recs[("scratch", s)]["pretext_images"] == 0
+        assert bissl["num_hvp"] == ALTERNATIONS * UPPER * 5 and seed_recs[("bissl-identity", s)]["num_hvp"] == 0
+        # theta_P after the BiSSL stage is not the conventional arm's backbone
+        a = load_checkpoint(clean / "checkpoints" / f"bissl-s{s}-final.pt")["backbone"]
+        b = load_checkpoint(clean / "checkpoints" / f"continued-s{s}-final.pt")["backbone"]
+        assert any(v.is_floating_point() and not torch.equal(v, b[k]) for k, v in a.items())
+
+    metrics = _jsonl(clean / "metrics.jsonl")
+    for arm in ("bissl", "bissl-identity"):
+        for s in SEEDS:
+            solves = [r for r in metrics if r["stage"] == f"{arm}-s{s}-upper"]
+            assert len(solves) == ALTERNATIONS * UPPER  # one solve record per upper step
+
+    # no seed run used a trial's seed; the test split was read once per seed run
+    searches = [r for r in records if r["kind"] == "search"]
+    assert len(searches) == len(ARMS) and all(r["trial_seed"] not in SEEDS for r in searches)
+    tests = [(r["arm"], r["seed"]) for r in records if r["kind"] == "test"]
+    assert sorted(tests) == sorted({(a, s) for a in ARMS for s in SEEDS})
+    reads = [(r["stage"], r["step"]) for r in metrics if r["stage"].startswith("test/")]
+    assert sorted(reads) == sorted((f"test/{a}", s) for a in ARMS for s in SEEDS)
+
+
+@pytest.mark.timeout(1200)
+def test_paired_differences_match_an_independent_computation(clean: Path) -> None:
+    summary = json.loads((clean / "results" / "comparison.json").read_text())["summary"]
+    records = _jsonl(clean / "results" / "runs.jsonl")
+    test = {(r["arm"], r["seed"]): r["metrics"]["top1"] for r in records if r["kind"] == "test"}
+    for arm in ARMS[1:]:
+        diffs = [test[(arm, s)] - test[("conventional", s)] for s in SEEDS]
+        mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+        half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+        got = summary[arm]["top1_vs_conventional"]
+        assert got["mean"] == pytest.approx(mean, abs=1e-9)
+        assert got["low"] == pytest.approx(mean - half, abs=1e-9)
+        assert summary[arm]["top1"]["mean"] == pytest.approx(statistics.fmean(test[(arm, s)] for s in SEEDS))
+
+
+@pytest.mark.timeout(1800)
+def test_killed_run_resumes_to_the_same_table(clean: Path) -> None:
+    killed = clean.parent / "killed"
+    proc = _run("-c", _KILLED, str(killed), *map(str, KILL), *TINY, f"arms=[{','.join(ARMS)}]",
+                f"search.seeds={len(SEEDS)}")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (killed / "results" / "comparison.json").exists()
+    proc = _run("-m", "bissl.cli", "run", "--run-dir", str(killed), "--resume")
+    assert not proc.returncode, proc.stderr[-3000:]
+    a = json.loads((clean / "results" / "comparison.json").read_text())
+    b = json.loads((killed / "results" / "comparison.json").read_text())
+    for arm in ARMS:
+        for s in map(str, SEEDS):
+            assert a["arms"][arm]["seeds"][s]["test"] == b["arms"][arm]["seeds"][s]["test"], (arm, s)
+    # the report command rebuilds the same table from runs.jsonl
+    shutil.copy(killed / "results" / "table.txt", killed / "table-run.txt")
+    proc = _run("-m", "bissl.cli", "report", str(killed))
+    assert not proc.returncode, proc.stderr[-2000:]
+    rows = lambda p: [line for line in p.read_text().splitlines() if line.startswith(tuple(ARMS))]  # noqa: E731
+    assert rows(killed / "results" / "table.txt") == rows(killed / "table-run.txt")
