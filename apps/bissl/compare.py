@@ -145,6 +145,44 @@ def read_runs(run_dir: Path) -> dict[str, Any]:
     return arms
 
 
+def projected_seconds(cfg: RunConfig, splits: Splits, info: DistInfo) -> dict[str, float]:
+    """A rough projection of ``bissl run``'s wall time on this machine, from timed single steps.
+
+    Times one lower step, one HVP and one upper step on random tensors (:func:`dry_run` at the
+    Hessian batch size, scaled linearly to each batch size) plus loading one pretext and one
+    downstream batch through the real augmentation; evaluation passes are left out.
+    """
+    import torch
+
+    from bissl.stages.bilevel import Streams, dry_run
+
+    b, f, p = cfg.bissl, cfg.finetune, cfg.pretext
+    with torch.random.fork_rng(devices=[]):
+        dry = dry_run(cfg, splits.spec, batch=b.hessian_batch, generator=torch.Generator().manual_seed(0))
+        streams = Streams.for_seed(cfg, splits, info, cfg.seed)
+        t0 = time.perf_counter()
+        next(streams.lower.batches(0, 1, cfg))
+        load_pair = (time.perf_counter() - t0) / b.lower_batch_size
+        t0 = time.perf_counter()
+        next(streams.upper.batches(0, 1, cfg))
+        load_image = (time.perf_counter() - t0) / b.upper_batch_size
+    per_pair = dry["lower_step_s"] / b.hessian_batch + load_pair
+    hvps = dry["hvp_per_solve"] * dry["hvp_s"]
+    per_image = max(dry["upper_step_s"] - hvps, 0.0) / (2 * b.hessian_batch) + load_image
+    ft_epoch = len(splits.train) // f.batch_size * f.batch_size * per_image  # type: ignore[arg-type]
+    lower = b.total_lower_steps * b.lower_batch_size * per_pair
+    upper_grads = b.total_upper_steps * b.upper_batch_size * 2 * per_image
+    solves = b.total_upper_steps * hvps
+    stage = {"conventional": lower, "conventional+": lower + upper_grads / 2, "scratch": 0.0,
+             "bissl": lower + upper_grads + solves, "bissl-identity": lower + upper_grads}
+    finetune = (cfg.search.trials * cfg.trial_epochs + cfg.search.seeds * f.epochs) * ft_epoch
+    seeds = cfg.search.seeds
+    shared_stage = {"conventional+": stage["conventional"]} if "conventional" in cfg.arms else {}
+    arms = {a: seeds * (stage[a] - shared_stage.get(a, 0.0)) + finetune for a in cfg.arms}
+    pretext = p.epochs * (len(splits.pretext) // p.batch_size) * p.batch_size * per_pair  # type: ignore[arg-type]
+    return {"pretext": pretext, **arms, "total": pretext + sum(arms.values())}
+
+
 def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
                    step_hook: StepHook | None = None) -> dict[str, Any]:
     """Pretext -> warm-up -> every arm (search on the first seed, then each seed) -> test -> table.
@@ -163,6 +201,9 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
         print(f"[run] arms {', '.join(cfg.arms)}; seeds {seeds}; BiSSL stage {b.alternations} alternations x "
               f"({b.lower_steps} lower + {b.upper_steps} upper steps), solver {b.solver} "
               f"({b.solver_iterations} iterations); search {cfg.search.trials} trials per arm", flush=True)
+        projection = projected_seconds(cfg, splits, info)
+        print("[run] projected wall time on this machine (timed single steps, evaluation left out): "
+              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in projection.items()), flush=True)
     run_pretext(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
 
