@@ -202,3 +202,64 @@ def test_two_gloo_ranks_equal_single_process_truth(tmp_path, monkeypatch: pytest
             assert float((grad - expected[k]).norm() / scale) < 1e-8, k
     for k in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k])
+
+
+@pytest.mark.parametrize(("solver", "extra"), [("minres", []), ("nystrom_pcg", ["bissl.nystrom_rank=6"]),
+                                               ("neumann", ["bissl.neumann_alpha=1.0"]), ("identity", [])])
+def test_every_configured_solver_reaches_its_answer(solver: str, extra: list[str]) -> None:
+    """Each solver option, solved to convergence, gives the dense solve's update; identity gives x = v."""
+    lam, delta, gamma, tau, lr = 0.1, 0.9, 0.3, 0.5, 0.05
+    iterations = 0 if solver == "identity" else 300
+    state, cfg = make_state([f"bissl.lam={lam}", f"bissl.delta={delta}", f"bissl.gamma={gamma}",
+                             f"pretext.temperature={tau}", f"bissl.upper_lr={lr}", "bissl.upper_weight_decay=0",
+                             "bissl.upper_grad_clip=null", f"bissl.solver={solver}",
+                             f"bissl.solver_iterations={iterations}", "bissl.solver_tol=0", *extra])
+    pairs, down = batches(6)
+    expected, x, v = expected_upper_gradients(state, pairs, down, lam, delta, gamma, tau)
+    if solver == "identity":  # x = v: the backbone gradient is v + gamma * grad at theta_D
+        expected = {k: e - (x_k if k.startswith("backbone.") else 0) + (v_k if k.startswith("backbone.") else 0)
+                    for (k, e), x_k, v_k in zip(expected.items(), [*unflat_like(x, state), *[0, 0]],
+                                                [*unflat_like(v, state), *[0, 0]], strict=True)}
+    before = {k: p.detach().clone() for k, p in state.upper.named_parameters()}
+    system = build_system(state, stage_losses(cfg, state.lower)[1], pairs, cfg.bissl, INFO)
+    record = upper_step(state, system, down, cfg.bissl, INFO)
+    assert record["skipped"] == 0.0
+    assert record["solve_num_hvp"] == iterations  # the Nystrom sketch is counted once, in setup_hvp
+    assert system.setup_hvp == (6 if solver == "nystrom_pcg" else 0)
+    scale = flat(list(expected.values())).norm()
+    for k, p in state.upper.named_parameters():
+        grad = (before[k] - p.detach()) / lr
+        assert float((grad - expected[k]).norm() / scale) < 1e-8, (solver, k)
+
+
+def unflat_like(vector: Tensor, state: object) -> list[Tensor]:
+    """Split a flat backbone vector into the backbone's parameter shapes (in order)."""
+    out, i = [], 0
+    for p in state.lower.backbone.parameters():  # type: ignore[attr-defined]
+        out.append(vector[i:i + p.numel()].reshape(p.shape))
+        i += p.numel()
+    return out
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("bissl.solver_iterations=0", "bissl.solver_iterations"),
+    ("bissl.solver=gauss", "bissl.solver"),
+    ("bissl.lam=0", "bissl.lam"),
+    ("bissl.lower_batch_size=4096", "bissl.lower_batch_size"),
+])
+def test_bad_bissl_settings_name_the_field(override: str, field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bissl.cli import main
+
+    assert main(["validate", "--set", override]) == 2  # ConfigError -> exit 2, message on stderr
+    assert field in capsys.readouterr().err
+
+
+def test_bad_bissl_settings_messages(capsys: pytest.CaptureFixture[str]) -> None:
+    from bissl.cli import main
+
+    main(["validate", "--set", "bissl.solver_iterations=0"])
+    err = capsys.readouterr().err
+    assert "bissl.solver_iterations" in err and "Fix:" in err
+    main(["validate", "--set", "bissl.upper_batch_size=5000"])
+    err = capsys.readouterr().err
+    assert "bissl.upper_batch_size: got 5000" in err
