@@ -217,8 +217,8 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
                 continue
             if info.is_main:
                 print(f"[run] arm {arm}, seed {seed}", flush=True)
-            t0 = time.perf_counter()
             stage = arm_stage(cfg, run, info, splits, arm, seed, step_hook=step_hook)
+            t0 = time.perf_counter()
             if best is None:  # the search runs once, on the first seed's backbone
                 best = search_hyperparameters(acfg, arm_run, info, splits, init=stage.init if i == 0 else
                                               arm_stage(cfg, run, info, splits, arm, seeds[0]).init,
@@ -232,7 +232,10 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
                 "val_top1": ft.best_val_top1, "pretext_images": stage.pretext_images,
                 "supervised_steps": stage.supervised_steps, "num_hvp": stage.num_hvp,
                 "stage_seconds": stage.seconds, "finetune_name": f"seed{i}", "lr": best.lr,
-                "weight_decay": best.weight_decay, "seconds": time.perf_counter() - t0}})
+                "weight_decay": best.weight_decay,
+                # the arm's compute for this seed: its extra training (shared parts included,
+                # measured when they ran) plus its search (first seed) and fine-tuning
+                "seconds": stage.seconds + time.perf_counter() - t0}})
 
     # The test split, read once per seed run, at the end.
     arms = read_runs(run.path)
@@ -248,14 +251,20 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
     results = summarise(cfg, read_runs(run.path))
     results["wall_s"] = time.perf_counter() - start
     if info.is_main:
-        run.write_result("comparison", results)
-        table = comparison_table(cfg, results)
-        print("\n" + table, flush=True)
-        (run.path / "results" / "table.txt").write_text(table + "\n")
-        from bissl.report import write_comparison_plots
-
-        write_comparison_plots(run, results)
+        print("\n" + publish(cfg, run, results), flush=True)
     return results
+
+
+def publish(cfg: RunConfig, run: RunDir, results: dict[str, Any]) -> str:
+    """Add the decisions, write ``comparison.json``, ``table.txt`` and the plots; return the table."""
+    from bissl.report import write_comparison_plots
+
+    results["decisions"] = decide(results)
+    run.write_result("comparison", results)
+    table = comparison_table(cfg, results) + "\n" + decision_table(results["decisions"])
+    (run.path / "results" / "table.txt").write_text(table + "\n")
+    write_comparison_plots(run, results)
+    return table
 
 
 def summarise(cfg: RunConfig, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +318,8 @@ def comparison_table(cfg: RunConfig, results: dict[str, Any]) -> str:
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.append("wall (s): the arm's extra training, search and fine-tuning, summed over its seed runs")
+    lines.append("wall (s): the arm's extra training (shared parts included), search and fine-tuning, "
+                 "summed over its seed runs")
     if "wall_s" in results:
         lines.append(f"wall time of this invocation: {results['wall_s']:.1f} s")
     return "\n".join(lines)
@@ -320,7 +330,6 @@ def report(run_dir: Path) -> str:
     import yaml
 
     from bissl.config import validate_config
-    from bissl.report import write_comparison_plots
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -329,9 +338,81 @@ def report(run_dir: Path) -> str:
     results = summarise(cfg, read_runs(run_dir))
     if not results["arms"]:
         raise FileNotFoundError(f"{run_dir / 'results' / 'runs.jsonl'} holds no evaluated seed run yet")
-    run = RunDir(run_dir)
-    run.write_result("comparison", results)
-    table = comparison_table(cfg, results)
-    (run_dir / "results" / "table.txt").write_text(table + "\n")
-    write_comparison_plots(run, results)
-    return table
+    return publish(cfg, RunDir(run_dir), results)
+
+
+def contrast(results: dict[str, Any], a: str, b: str, metric: str = "top1") -> dict[str, float]:
+    """Paired difference ``a - b`` over the seeds both arms have: mean, 95 % paired-t interval and
+    the two-sided paired-t p-value."""
+    from scipy import stats
+
+    seeds = [s for s in results["arms"][a]["seeds"] if s in results["arms"][b]["seeds"]]
+    va = [results["arms"][a]["seeds"][s]["test"][metric] for s in seeds]
+    vb = [results["arms"][b]["seeds"][s]["test"][metric] for s in seeds]
+    out = paired_difference(va, vb)
+    diffs = [x - y for x, y in zip(va, vb, strict=True)]
+    if len(seeds) < 2:
+        out["p"] = math.nan
+    elif statistics.pstdev(diffs) == 0:  # identical differences: t is 0 or infinite
+        out["p"] = 1.0 if out["mean"] == 0 else 0.0
+    else:
+        out["p"] = float(stats.ttest_rel(va, vb).pvalue)
+    return out
+
+
+def decide(results: dict[str, Any], *, margin: float = 0.5, alpha: float = 0.05) -> dict[str, Any]:
+    """The pre-registered decision rule of ``docs/results.md``.
+
+    Primary (BiSSL - conventional, test top-1): "helps" if the 95 % paired-t interval lies above
+    0, "hurts" if below, "equivalent" if inside ±``margin`` points, else "inconclusive".
+    Secondary (BiSSL - conventional+, BiSSL - bissl-identity, conventional - scratch): Holm-
+    corrected paired-t tests at family-wise ``alpha``; BiSSL - identity also as an equivalence
+    question (interval inside ±``margin``). Contrasts whose arms are missing are left out.
+    """
+    def verdict(c: dict[str, float]) -> str:
+        if c["low"] > 0:
+            return "helps"
+        if c["high"] < 0:
+            return "hurts"
+        if -margin < c["low"] and c["high"] < margin:
+            return "equivalent"
+        return "inconclusive"
+
+    arms = results["arms"]
+    out: dict[str, Any] = {"margin": margin, "alpha": alpha}
+    if {"bissl", "conventional"} <= set(arms):
+        primary = contrast(results, "bissl", "conventional")
+        out["primary"] = {"contrast": "bissl - conventional", **primary, "decision": verdict(primary)}
+    pairs = [("bissl", "conventional+"), ("bissl", "bissl-identity"), ("conventional", "scratch")]
+    secondary = [{"contrast": f"{a} - {b}", **contrast(results, a, b)} for a, b in pairs if {a, b} <= set(arms)]
+    order = sorted(range(len(secondary)), key=lambda i: secondary[i]["p"])
+    running, stopped = 0.0, False
+    for rank, i in enumerate(order):  # Holm step-down
+        c = secondary[i]
+        running = max(running, min(1.0, (len(secondary) - rank) * c["p"]))
+        c["p_holm"] = running
+        stopped = stopped or c["p"] > alpha / (len(secondary) - rank)
+        c["significant"] = not stopped
+    for c in secondary:
+        if c["contrast"] == "bissl - bissl-identity":
+            c["equivalent"] = bool(-margin < c["low"] and c["high"] < margin)
+    out["secondary"] = secondary
+    return out
+
+
+def decision_table(decisions: dict[str, Any]) -> str:
+    """The decisions as plain text."""
+    lines = []
+    if "primary" in decisions:
+        p = decisions["primary"]
+        lines.append(f"primary  {p['contrast']}: {p['mean']:+.2f} points, 95% paired-t [{p['low']:+.2f}, "
+                     f"{p['high']:+.2f}] (p = {p['p']:.3f}) -> {p['decision'].upper()} "
+                     f"(margin ±{decisions['margin']})")
+    for c in decisions["secondary"]:
+        extra = f"; equivalent within ±{decisions['margin']}: {'yes' if c['equivalent'] else 'no'}" \
+            if "equivalent" in c else ""
+        lines.append(f"secondary {c['contrast']}: {c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}], "
+                     f"p = {c['p']:.3f}, Holm p = {c['p_holm']:.3f}, "
+                     f"{'significant' if c['significant'] else 'not significant'} at family-wise "
+                     f"{decisions['alpha']}{extra}")
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 ``write_comparison_plots(run, results)`` writes
 
-* ``plots/comparison_accuracy.png`` — test top-1 per arm, one line per seed (paired seeds);
+* ``plots/comparison_accuracy.png`` — test top-1 per arm, one line per seed (paired seeds), and
+  each arm's wall time;
 * ``plots/comparison_bissl_stage.png`` — for every BiSSL arm and seed, per alternation: mean
   lower loss, mean upper loss (at theta_P), the worst solve's relative residual, cumulative HVPs.
 """
@@ -26,10 +27,11 @@ def _pyplot() -> Any:
 
 
 def plot_accuracy(path: Path, results: dict[str, Any], metric: str = "top1") -> Path:
-    """Test accuracy per arm (x) with one line per seed joining its arms."""
+    """Test accuracy per arm (x) with one line per seed joining its arms; wall time per arm."""
     plt = _pyplot()
     arms = list(results["summary"])
-    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 2.5, 3.6))
+    fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(2.4 * len(arms) + 3.5, 3.6),
+                                      gridspec_kw={"width_ratios": [3, 2]})
     seeds = [str(s) for s in results["seeds"]]
     for seed in seeds:
         ys = [results["arms"][a]["seeds"][seed]["test"][metric] for a in arms]
@@ -40,6 +42,10 @@ def plot_accuracy(path: Path, results: dict[str, Any], metric: str = "top1") -> 
     ax.set_ylabel(f"test {metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    ax_time.bar(range(len(arms)), [results["summary"][a]["wall_s"] / 60 for a in arms], color="grey")
+    ax_time.set_xticks(range(len(arms)), arms, rotation=15)
+    ax_time.set_ylabel("wall time, all seeds (min)")
+    ax_time.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -141,3 +141,46 @@ def test_killed_run_resumes_to_the_same_table(clean: Path) -> None:
     assert not proc.returncode, proc.stderr[-2000:]
     rows = lambda p: [line for line in p.read_text().splitlines() if line.startswith(tuple(ARMS))]  # noqa: E731
     assert rows(killed / "results" / "table.txt") == rows(killed / "table-run.txt")
+
+
+def _fake_results(values: dict[str, list[float]]) -> dict:
+    return {"arms": {arm: {"seeds": {str(i + 1): {"test": {"top1": v}} for i, v in enumerate(vals)}}
+                     for arm, vals in values.items()}}
+
+
+@pytest.mark.parametrize(("shift", "expected"), [(2.0, "helps"), (-2.0, "hurts"), (0.05, "equivalent"),
+                                                 (0.6, "inconclusive")])
+def test_primary_decision_rule(shift: float, expected: str) -> None:
+    from bissl.compare import decide
+
+    base = [80.0, 81.0, 79.5, 80.5, 80.2]
+    noise = [0.1, -0.1, 0.05, -0.05, 0.0] if expected != "inconclusive" else [0.9, -0.8, 0.7, -0.9, 0.6]
+    results = _fake_results({"conventional": base, "bissl": [b + shift + n for b, n in zip(base, noise, strict=True)]})
+    d = decide(results)["primary"]
+    diffs = [shift + n for n in noise]
+    half = stats.t.ppf(0.975, 4) * statistics.stdev(diffs) / math.sqrt(5)
+    assert d["low"] == pytest.approx(statistics.fmean(diffs) - half)
+    assert d["decision"] == expected
+
+
+def test_secondary_contrasts_are_holm_corrected() -> None:
+    from bissl.compare import decide
+
+    base = [80.0, 81.0, 79.5, 80.5, 80.2]
+    noise = {"bissl": [0.3, -0.2, 0.1, 0.0, -0.1], "conventional+": [0.1, 0.0, -0.3, 0.2, 0.1],
+             "bissl-identity": [0.0, 0.2, -0.1, 0.1, 0.0], "scratch": [-3.0, -2.0, -2.5, -3.5, -2.2]}
+    vals = {"conventional": base, **{a: [b + n for b, n in zip(base, ns, strict=True)] for a, ns in noise.items()}}
+    d = decide(_fake_results(vals))
+    ps = {c["contrast"]: c["p"] for c in d["secondary"]}
+    pairs = {"bissl - conventional+": ("bissl", "conventional+"), "bissl - bissl-identity": ("bissl", "bissl-identity"),
+             "conventional - scratch": ("conventional", "scratch")}
+    for name, (a, b) in pairs.items():
+        assert ps[name] == pytest.approx(stats.ttest_rel(vals[a], vals[b]).pvalue)
+    # Holm by hand: the smallest p against alpha/3, the next against alpha/2, the last against alpha
+    ordered = sorted(ps.items(), key=lambda kv: kv[1])
+    expect, going = {}, True
+    for rank, (name, p) in enumerate(ordered):
+        going = going and p <= 0.05 / (3 - rank)
+        expect[name] = going
+    assert {c["contrast"]: c["significant"] for c in d["secondary"]} == expect
+    assert expect["conventional - scratch"]  # a 2.6-point gap with small noise is detected
