@@ -147,13 +147,13 @@ def test_search_killed_mid_trial_resumes_to_same_result(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=_env(), timeout=110, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
 
-    resumed = _cli("run", "--run-dir", str(killed), "--resume")
+    resumed = _cli("conventional", "--run-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[pretext] already finished" in resumed.stdout
     assert "was interrupted; re-queued" in resumed.stdout
     assert "resumed from checkpoint at step 20; continuing at step 21" in resumed.stdout
 
-    fresh = _cli("run", "--run-dir", str(clean), *[a for s in PIPE for a in ("--set", s)])
+    fresh = _cli("conventional", "--run-dir", str(clean), *[a for s in PIPE for a in ("--set", s)])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
 
     def summary(run: Path) -> tuple:

@@ -12,7 +12,7 @@ from bissl.cli import main
 from bissl.config import load_config
 from bissl.pipeline import validate
 
-COMMANDS = ["pretrain", "finetune", "evaluate", "search", "run", "validate"]
+COMMANDS = ["pretrain", "bilevel", "finetune", "evaluate", "search", "run", "conventional", "validate", "report"]
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:

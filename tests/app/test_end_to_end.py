@@ -1,4 +1,4 @@
-"""Tiny `bissl run` on digits: the whole conventional pipeline, its outputs, and that SSL helps."""
+"""Tiny `bissl conventional` on digits: the whole conventional pipeline, its outputs, and that SSL helps."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ TINY = ["pretext.epochs=8", "pretext.warmup_epochs=1", "pretext.batch_size=128",
 @pytest.mark.timeout(180)
 def test_tiny_pipeline_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    argv = ["run", "--run-dir", str(run_dir), *[a for s in TINY for a in ("--set", s)]]
+    argv = ["conventional", "--run-dir", str(run_dir), *[a for s in TINY for a in ("--set", s)]]
     assert main(argv) == 0
     out = capsys.readouterr().out
 
