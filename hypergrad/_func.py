@@ -18,7 +18,7 @@ cannot run: it calls ``requires_grad_`` on fresh leaves, which functorch forbids
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ __all__ = [
     "linearize_gradient",
     "transform_active",
     "use_func",
+    "vjp",
     "vmap_active",
 ]
 
@@ -84,6 +85,12 @@ def use_func(backend: str, where: str = "backend") -> bool:
     return active
 
 
+def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
+    """``torch.func.vjp`` without auxiliary outputs: ``(fn(*primals), pullback)``."""
+    out = torch.func.vjp(fn, *primals)
+    return out[0], out[1]
+
+
 def _scalar(f: Callable[[Tree], Tensor], name: str) -> Callable[[Tree], Tensor]:
     def checked(p: Tree) -> Tensor:
         out = f(p)
@@ -112,7 +119,7 @@ def linearize_gradient(f: Callable[[Tree], Tensor],
     The linearisation is built once; each ``hvp(v)`` costs one backward through it. Under
     ``vmap`` it is batched like any other function.
     """
-    g, pullback = torch.func.vjp(torch.func.grad(_scalar(f, "f")), detached(params))
+    g, pullback = vjp(torch.func.grad(_scalar(f, "f")), detached(params))
 
     def hvp(v: Tree) -> Tree:
         out: Tree = pullback(dict(v))[0]

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._func import Backend, func_gradient, func_reverse_hvp_batched, use_func
+from ._func import Backend, func_gradient, func_reverse_hvp_batched, use_func, vjp
 from ._tree import Tree, check_compatible, tree_batch_norm, tree_norm
 
 __all__ = ["Backend", "GradientGraph", "HVPMethod", "VJPGraph", "gradient", "hvp", "hvp_batched", "mixed_vjp", "primals"]
@@ -245,7 +245,7 @@ def mixed_vjp(f: Callable[[Tree, Tree], Tensor], inner: Mapping[str, Tensor], ou
     check_compatible(inner, u, "inner", "u")
     if use_func(backend):
         i0, o0 = {k: x.detach() for k, x in inner.items()}, {k: x.detach() for k, x in outer.items()}
-        _, pullback = torch.func.vjp(lambda o: func_gradient(lambda i: f(i, o), i0), o0)
+        _, pullback = vjp(lambda o: func_gradient(lambda i: f(i, o), i0), o0)
         out: Tree = pullback(dict(u))[0]
         return out
     pi, po = primals(inner), primals(outer)

@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._errors import NotStationaryWarning, TreeMismatchError
-from ._func import Backend, compiling, use_func, vmap_active
+from ._func import Backend, compiling, use_func, vjp, vmap_active
 from ._hvp import GradientGraph, HVPMethod, VJPGraph, _check_scalar, _grads, gradient, primals
 from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator
 from ._solution import Result, SolveStats
@@ -262,7 +262,7 @@ def _implicit_grad_func(lower_loss: Loss2, upper_loss: Loss2, inner: Mapping[str
         g: Tree = torch.func.grad(lambda p: _check_scalar(lower_loss(p, o), "lower_loss"))(i)
         return g
 
-    g, pullback = torch.func.vjp(grad_inner, inner_d, outer_d)
+    g, pullback = vjp(grad_inner, inner_d, outer_d)
     stationarity = tree_norm(g)
     if not (compiling() or vmap_active()):
         _warn_if_not_stationary(stationarity, stationarity_tol, "||grad_inner lower_loss||")
