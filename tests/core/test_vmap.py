@@ -285,3 +285,50 @@ def test_autograd_backend_under_vmap_raises_and_bad_backend_is_rejected(meta):
         _task_grad(meta, hg.CG(maxiter=4, tol=0.0), backend="jax")(W[0], meta.X[0], meta.y[0], meta.V[0], meta.z[0])
     with pytest.raises(ValueError, match="backend"):
         hg.HessianOperator(lambda p: (p["w"] ** 2).sum(), {"w": W[0]}, backend="numpy")
+
+
+# --- custom_root on the same tasks: forward under vmap, backward under vmap(grad) and grad(vmap) ---
+
+def _fit(meta: MetaRidge, solver: hg.Solver):
+    @hg.custom_root(meta.lower, solver=solver)
+    def fit(outer: dict[str, Tensor], X: Tensor, y: Tensor) -> dict[str, Tensor]:
+        lam = outer["log_lam"].exp()
+        A = X.T @ X / X.shape[0] + lam * torch.eye(X.shape[1], dtype=X.dtype)
+        return {"w": torch.linalg.solve(A, X.T @ y / X.shape[0] + lam * outer["w0"])}
+
+    return fit
+
+
+def test_custom_root_forward_under_vmap_and_vmap_grad_equal_loop_and_closed_form(meta):
+    fit = _fit(meta, hg.CG(maxiter=D + 2, tol=0.0))
+
+    def task_loss(outer, X, y, V, z):
+        return meta.upper(fit(outer, X, y), outer, V, z)
+
+    W = vmap(lambda X, y: fit(meta.outer, X, y)["w"])(meta.X, meta.y)
+    torch.testing.assert_close(W, torch.stack([meta.w_star(t) for t in range(TASKS)]), rtol=1e-13, atol=0)
+
+    per_task = vmap(torch.func.grad(task_loss), in_dims=(None, 0, 0, 0, 0))(meta.outer, meta.X, meta.y, meta.V, meta.z)
+    loop = []
+    for t in range(TASKS):  # plain autograd, outside any transform: .backward() through custom_root
+        outer = {k: v.clone().requires_grad_(True) for k, v in meta.outer.items()}
+        task_loss(outer, meta.X[t], meta.y[t], meta.V[t], meta.z[t]).backward()
+        loop.append({k: v.grad for k, v in outer.items()})
+    _assert_close(per_task, _stack(loop), 1e-12)
+    _assert_close(per_task, _stack([meta.closed_form(t) for t in range(TASKS)]), 1e-9)
+
+    # The iMAML meta-gradient: grad of the task-averaged loss, tasks vmapped inside.
+    meta_grad = torch.func.grad(lambda o: vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(
+        o, meta.X, meta.y, meta.V, meta.z).mean())(meta.outer)
+    _assert_close(meta_grad, {k: v.mean(0) for k, v in _stack([meta.closed_form(t) for t in range(TASKS)]).items()},
+                  1e-9)
+
+
+def test_custom_root_with_a_tolerance_checked_solver_under_vmap_raises(meta):
+    fit = _fit(meta, hg.CG(maxiter=20, tol=1e-10))
+
+    def task_loss(outer, X, y, V, z):
+        return meta.upper(fit(outer, X, y), outer, V, z)
+
+    with pytest.raises(hg.TransformError, match=r"CG\(maxiter=20, tol=0\.0\)"):
+        vmap(torch.func.grad(task_loss), in_dims=(None, 0, 0, 0, 0))(meta.outer, meta.X, meta.y, meta.V, meta.z)
