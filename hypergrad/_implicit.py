@@ -31,8 +31,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ._errors import NotStationaryWarning, TreeMismatchError
-from ._func import Backend, compiling, use_func, vjp, vmap_active
+from ._errors import NotStationaryWarning, TransformError, TreeMismatchError
+from ._func import Backend, compiling, transform_active, use_func, vjp, vmap_active
 from ._hvp import GradientGraph, HVPMethod, VJPGraph, _check_scalar, _grads, gradient, primals
 from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator
 from ._solution import Result, SolveStats
@@ -94,6 +94,15 @@ def _upper_grads(upper_loss: Loss2, pi: Tree, po: Tree) -> tuple[Tensor, Tree, T
     g = _grads([loss], [pi[k] for k in keys_i] + [po[k] for k in keys_o], None)
     return (loss.detach(), dict(zip(keys_i, g[: len(keys_i)], strict=True)),
             dict(zip(keys_o, g[len(keys_i):], strict=True)))
+
+
+def _autograd_only(name: str) -> None:
+    if transform_active():
+        raise TransformError(
+            f"{name} has no torch.func path (it needs requires_grad_ and torch.autograd.grad), so it "
+            f"cannot run inside vmap/grad/jvp; call it outside the transform, or use implicit_grad, which "
+            f"runs there (backend='func')"
+        )
 
 
 def _warn_if_not_stationary(stationarity: Tensor, tol: float | None, what: str) -> None:
@@ -319,6 +328,7 @@ def fixed_point_grad(
         group: as in :func:`implicit_grad`.
         stationarity_tol: as in :func:`implicit_grad`, for :math:`\|T(i, o) - i\|`.
     """
+    _autograd_only("fixed_point_grad")
     solver = Neumann(maxiter=50, alpha=1.0) if solver is None else solver
     _check_tree(inner, "inner")
     _check_tree(outer, "outer")
@@ -370,6 +380,7 @@ def darts_grad(
     No Hessian product is formed (``stats.solve.num_hvp == 0``); it costs four gradients.
     With ``xi = 0`` it is the first-order approximation :math:`\partial_o F(i, o)`.
     """
+    _autograd_only("darts_grad")
     if xi < 0 or eps <= 0:
         raise ValueError(f"xi must be >= 0 and eps > 0, got xi={xi}, eps={eps}")
     _check_tree(inner, "inner")

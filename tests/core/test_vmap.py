@@ -332,3 +332,19 @@ def test_custom_root_with_a_tolerance_checked_solver_under_vmap_raises(meta):
 
     with pytest.raises(hg.TransformError, match=r"CG\(maxiter=20, tol=0\.0\)"):
         vmap(torch.func.grad(task_loss), in_dims=(None, 0, 0, 0, 0))(meta.outer, meta.X, meta.y, meta.V, meta.z)
+
+
+def test_autograd_only_entry_points_raise_transform_error_under_vmap(meta):
+    W = torch.stack([meta.w_star(t) for t in range(TASKS)])
+
+    def fixed_point(w, X, y, V, z):
+        step = lambda i, o: {"w": i["w"] - 0.1 * torch.func.grad(lambda p: meta.lower(p, o, X, y))(i)["w"]}  # noqa: E731
+        return hg.fixed_point_grad(step, lambda i, o: meta.upper(i, o, V, z), {"w": w}, meta.outer)[0]
+
+    def darts(w, X, y, V, z):
+        return hg.darts_grad(lambda i, o: meta.lower(i, o, X, y), lambda i, o: meta.upper(i, o, V, z), {"w": w},
+                             meta.outer, xi=0.1)[0]
+
+    for fn, name in ((fixed_point, "fixed_point_grad"), (darts, "darts_grad")):
+        with pytest.raises(hg.TransformError, match=name):
+            vmap(fn)(W, meta.X, meta.y, meta.V, meta.z)
