@@ -29,8 +29,11 @@ if TYPE_CHECKING:  # _tree imports this module
     from ._tree import Tree
 
 __all__ = [
+    "BACKENDS",
     "Backend",
+    "batched_products",
     "compiling",
+    "detached",
     "func_gradient",
     "func_reverse_hvp_batched",
     "linearize_gradient",
