@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/make_tables.py                # full sizes, a few minutes on 2 cores
+    python benchmarks/make_tables.py                # full sizes, ~10 minutes on 2 cores (compiles)
     python benchmarks/make_tables.py --quick        # smaller problems (smoke run)
     python benchmarks/make_tables.py --threads 2 --out /tmp/RESULTS.md
 
@@ -36,6 +36,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    import test_func_transforms
     import test_hvp_methods
     import test_ihvp_solvers
     import test_vs_baselines
@@ -49,6 +50,8 @@ def main() -> None:
         ("2. Hessian-vector product methods", test_hvp_methods, {"rounds": 5, "budget_s": 20.0 / budget}),
         ("3. hypergrad vs hand-written PyTorch and torchopt", test_vs_baselines,
          {"rounds": 3, "budget_s": 40.0 / budget}),
+        ("4. torch.func transforms: vmap vs loop, eager vs compiled", test_func_transforms,
+         {"rounds": 5, "budget_s": 10.0 / budget}),
     ]:
         t0 = time.perf_counter()
         text = module.tables(module.measure(**kwargs))

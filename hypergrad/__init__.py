@@ -15,6 +15,7 @@ from ._errors import (
     NotStationaryWarning,
     OperatorTagError,
     SolverBreakdownError,
+    TransformError,
     TreeMismatchError,
 )
 from ._hvp import GradientGraph, VJPGraph, gradient, hvp, hvp_batched, mixed_vjp
@@ -61,6 +62,7 @@ __all__ = [
     "SolveStats",
     "Solver",
     "SolverBreakdownError",
+    "TransformError",
     "Tree",
     "TreeMismatchError",
     "VJPGraph",

@@ -32,3 +32,8 @@ class IndefiniteSketchError(HypergradError, ValueError):
 
 class NotStationaryWarning(UserWarning):
     """The given inner point is far from stationary, so the implicit function theorem is inexact."""
+
+
+class TransformError(HypergradError, RuntimeError):
+    """An option that reads a tensor's value (a tolerance check, a raise-on-breakdown policy, an
+    autograd-only path) was requested inside ``torch.func.vmap`` or another functorch transform."""

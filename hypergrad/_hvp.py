@@ -15,6 +15,11 @@ Three methods compute :math:`Hv = \nabla^2 f(p)\,v`:
 
 :func:`mixed_vjp` gives the mixed second derivative needed by the general implicit function
 theorem, :math:`\partial_{o} \langle \nabla_{i} f(i, o), u\rangle = (\nabla^2_{o i} f)\,u`.
+
+Every function takes ``backend``: ``"autograd"`` (``torch.autograd.grad``), ``"func"``
+(``torch.func`` only: usable inside ``vmap``/``grad``/``jvp`` and ``torch.compile``), or
+``"auto"`` (``"func"`` exactly when a functorch transform is active or dynamo is tracing); see
+:mod:`hypergrad._func`.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._func import Backend, func_gradient, func_reverse_hvp_batched, use_func, vjp
 from ._tree import Tree, check_compatible, tree_batch_norm, tree_norm
 
-__all__ = ["GradientGraph", "HVPMethod", "VJPGraph", "gradient", "hvp", "hvp_batched", "mixed_vjp", "primals"]
+__all__ = ["Backend", "GradientGraph", "HVPMethod", "VJPGraph", "gradient", "hvp", "hvp_batched", "mixed_vjp", "primals"]
 
 HVPMethod = Literal["reverse", "forward", "finite_difference"]
 Objective = Callable[[Tree], Tensor]
@@ -133,8 +139,10 @@ class GradientGraph(VJPGraph):
         return tree_norm({k: v.detach() for k, v in self.outputs.items()})
 
 
-def gradient(f: Objective, params: Mapping[str, Tensor]) -> Tree:
-    r""":math:`\nabla f(p)` as a detached tree."""
+def gradient(f: Objective, params: Mapping[str, Tensor], *, backend: Backend = "auto") -> Tree:
+    r""":math:`\nabla f(p)` as a detached tree (``backend`` as in the module docs)."""
+    if use_func(backend):
+        return func_gradient(f, params)
     p = primals(params)
     keys = list(p)
     g = _grads([_check_scalar(f(p), "f")], [p[k] for k in keys], None)
@@ -149,7 +157,7 @@ def _fd_step(params: Mapping[str, Tensor], vnorm: Tensor, dtype: torch.dtype) ->
 
 
 def _fd_hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, Tensor],
-                    eps: float | None) -> Tree:
+                    eps: float | None, backend: Backend = "auto") -> Tree:
     keys = list(params)
     dtype = next(iter(params.values())).dtype
     h = _fd_step(params, tree_batch_norm(V), dtype) if eps is None else torch.full(
@@ -158,8 +166,8 @@ def _fd_hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, 
     cols = []
     for i in range(h.shape[0]):
         hi = h[i]
-        plus = gradient(f, {k: params[k].detach() + hi.to(dtype) * V[k][i] for k in keys})
-        minus = gradient(f, {k: params[k].detach() - hi.to(dtype) * V[k][i] for k in keys})
+        plus = gradient(f, {k: params[k].detach() + hi.to(dtype) * V[k][i] for k in keys}, backend=backend)
+        minus = gradient(f, {k: params[k].detach() - hi.to(dtype) * V[k][i] for k in keys}, backend=backend)
         cols.append({k: (plus[k] - minus[k]) / (2 * hi).to(dtype) for k in keys})
     return {k: torch.stack([c[k] for c in cols]) for k in keys}
 
@@ -178,21 +186,23 @@ def _forward_hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[
 
 
 def hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, Tensor], *,
-                method: HVPMethod = "reverse", fd_eps: float | None = None) -> Tree:
+                method: HVPMethod = "reverse", fd_eps: float | None = None, backend: Backend = "auto") -> Tree:
     """Hessian products with k tangents stacked on a leading dimension (one fresh evaluation)."""
     check_compatible(params, V, "params", "tangents", batched_b=True)
     if method == "reverse":
+        if use_func(backend):
+            return func_reverse_hvp_batched(f, params, V)
         p = primals(params)
         return GradientGraph(f(p), p).vjp_batched(V)
     if method == "forward":
         return _forward_hvp_batched(f, params, V)
     if method == "finite_difference":
-        return _fd_hvp_batched(f, params, V, fd_eps)
+        return _fd_hvp_batched(f, params, V, fd_eps, backend)
     raise ValueError(f"method={method!r} is not an HVP method; use 'reverse', 'forward' or 'finite_difference'")
 
 
 def hvp(f: Objective, params: Mapping[str, Tensor], v: Mapping[str, Tensor], *,
-        method: HVPMethod = "reverse", fd_eps: float | None = None) -> Tree:
+        method: HVPMethod = "reverse", fd_eps: float | None = None, backend: Backend = "auto") -> Tree:
     r"""One Hessian-vector product :math:`\nabla^2 f(p)\,v`.
 
     Args:
@@ -201,17 +211,25 @@ def hvp(f: Objective, params: Mapping[str, Tensor], v: Mapping[str, Tensor], *,
         v: tangent tree shaped like ``params``.
         method: ``"reverse"``, ``"forward"`` or ``"finite_difference"`` (see module docs).
         fd_eps: fixed finite-difference step (default: scaled by ``||p||`` and ``||v||``).
+        backend: ``"auto"`` (``torch.func`` inside ``vmap``/``grad``/``jvp`` or
+            ``torch.compile``, autograd otherwise), ``"autograd"`` or ``"func"``. The
+            ``"forward"`` method is ``torch.func`` whatever the backend.
 
     Returns:
         A detached tree shaped like ``params``.
+
+    Example:
+        >>> # one HVP per task: params and tangents batched on dim 0
+        >>> torch.func.vmap(lambda p, v: hvp(f, p, v))(P, V)
     """
     check_compatible(params, v, "params", "v")
-    out = hvp_batched(f, params, {k: x.unsqueeze(0) for k, x in v.items()}, method=method, fd_eps=fd_eps)
+    out = hvp_batched(f, params, {k: x.unsqueeze(0) for k, x in v.items()}, method=method, fd_eps=fd_eps,
+                      backend=backend)
     return {k: x[0] for k, x in out.items()}
 
 
 def mixed_vjp(f: Callable[[Tree, Tree], Tensor], inner: Mapping[str, Tensor], outer: Mapping[str, Tensor],
-              u: Mapping[str, Tensor]) -> Tree:
+              u: Mapping[str, Tensor], *, backend: Backend = "auto") -> Tree:
     r"""Mixed second derivative :math:`(\nabla^2_{o i} f)\,u = \partial_o \langle \nabla_i f(i, o), u\rangle`.
 
     Args:
@@ -219,10 +237,16 @@ def mixed_vjp(f: Callable[[Tree, Tree], Tensor], inner: Mapping[str, Tensor], ou
         inner: the inner point.
         outer: the outer point.
         u: tree shaped like ``inner``.
+        backend: as in :func:`hvp`.
 
     Returns:
         A detached tree shaped like ``outer`` (zeros where ``f``'s inner gradient ignores it).
     """
     check_compatible(inner, u, "inner", "u")
+    if use_func(backend):
+        i0, o0 = {k: x.detach() for k, x in inner.items()}, {k: x.detach() for k, x in outer.items()}
+        _, pullback = vjp(lambda o: func_gradient(lambda i: f(i, o), i0), o0)
+        out: Tree = pullback(dict(u))[0]
+        return out
     pi, po = primals(inner), primals(outer)
     return GradientGraph(f(pi, po), pi).vjp(u, to=po)

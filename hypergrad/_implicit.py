@@ -13,6 +13,11 @@ For a fixed point :math:`i^* = T(i^*, o)` it is
     \frac{dF}{do} = \partial_o F + (\partial_o T)^\top u, \qquad (I - \partial_i T)^\top u = \partial_i F.
 
 Both only call the operator and solver layer.
+
+:func:`implicit_grad` has two backends with one meaning: ``"autograd"`` (a ``create_graph``
+gradient graph, reused for every product and the mixed term) and ``"func"`` (the same
+quantities from ``torch.func.grad``/``vjp``/``jvp`` alone), which runs inside ``torch.func.vmap``
+(one hypergradient per task) and under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ._errors import NotStationaryWarning, TreeMismatchError
+from ._errors import NotStationaryWarning, TransformError, TreeMismatchError
+from ._func import Backend, compiling, transform_active, use_func, vjp, vmap_active
 from ._hvp import GradientGraph, HVPMethod, VJPGraph, _check_scalar, _grads, gradient, primals
 from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator
 from ._solution import Result, SolveStats
@@ -62,6 +69,14 @@ class ImplicitStats:
         return self.solve.num_hvp
 
 
+# A pytree node, so that stats can be returned from torch.func.vmap (one entry per task).
+pytree.register_pytree_node(
+    ImplicitStats,
+    lambda s: ([s.solve, s.stationarity, s.upper_loss], None),
+    lambda values, _: ImplicitStats(*values),
+)
+
+
 def _check_tree(tree: object, name: str) -> None:
     if not isinstance(tree, Mapping) or not tree:
         raise TreeMismatchError(
@@ -81,6 +96,15 @@ def _upper_grads(upper_loss: Loss2, pi: Tree, po: Tree) -> tuple[Tensor, Tree, T
             dict(zip(keys_o, g[len(keys_i):], strict=True)))
 
 
+def _autograd_only(name: str) -> None:
+    if transform_active():
+        raise TransformError(
+            f"{name} has no torch.func path (it needs requires_grad_ and torch.autograd.grad), so it "
+            f"cannot run inside vmap/grad/jvp; call it outside the transform, or use implicit_grad, which "
+            f"runs there (backend='func')"
+        )
+
+
 def _warn_if_not_stationary(stationarity: Tensor, tol: float | None, what: str) -> None:
     if tol is not None and float(stationarity) > tol:
         warnings.warn(
@@ -92,13 +116,16 @@ def _warn_if_not_stationary(stationarity: Tensor, tol: float | None, what: str) 
         )
 
 
-def _fd_mixed(lower_loss: Loss2, inner: Tree, outer: Tree, u: Tree, eps: float | None) -> Tree:
+def _fd_mixed(lower_loss: Loss2, inner: Tree, outer: Tree, u: Tree, eps: float | None,
+              backend: Backend = "auto") -> Tree:
     r""":math:`\partial_o \langle \nabla_i L, u\rangle \approx (\nabla_o L(i + h u) - \nabla_o L(i - h u)) / 2h`."""
     unorm = tree_norm(u)
     dtype = next(iter(inner.values())).dtype
     h = (torch.finfo(dtype).eps ** (1 / 3) if eps is None else eps) / unorm.clamp_min(torch.finfo(unorm.dtype).tiny)
-    plus = gradient(lambda o: lower_loss({k: inner[k] + h.to(dtype) * u[k] for k in inner}, o), outer)
-    minus = gradient(lambda o: lower_loss({k: inner[k] - h.to(dtype) * u[k] for k in inner}, o), outer)
+    plus = gradient(lambda o: lower_loss({k: inner[k] + h.to(dtype) * u[k] for k in inner}, o), outer,
+                    backend=backend)
+    minus = gradient(lambda o: lower_loss({k: inner[k] - h.to(dtype) * u[k] for k in inner}, o), outer,
+                     backend=backend)
     return {k: torch.where(unorm > 0, (plus[k] - minus[k]) / (2 * h).to(dtype), torch.zeros_like(plus[k]))
             for k in outer}
 
@@ -132,6 +159,7 @@ def implicit_grad(
     distributed: bool = False,
     group: object = None,
     stationarity_tol: float | None = 1e-3,
+    backend: Backend = "auto",
 ) -> tuple[Tree, ImplicitStats]:
     r"""Total derivative of ``upper_loss(inner*(outer), outer)`` w.r.t. ``outer`` by the IFT.
 
@@ -156,14 +184,26 @@ def implicit_grad(
             ``torch.distributed`` ranks (each rank holding a shard of a mean-reduced loss).
         group: process group for ``distributed``.
         stationarity_tol: warn (:class:`NotStationaryWarning`) when :math:`\|\nabla_i L\|`
-            exceeds it; ``None`` skips the check (and its one host synchronisation).
+            exceeds it; ``None`` skips the check (and its one host synchronisation). Under
+            ``torch.func.vmap`` and ``torch.compile`` the check is skipped (it would read a
+            value): ``stats.stationarity`` still holds :math:`\|\nabla_i L\|` (per task).
+        backend: ``"autograd"``, ``"func"`` (``torch.func`` only: usable inside
+            ``torch.func.vmap``/``grad`` and ``torch.compile(fullgraph=True)``; the losses must
+            then be pure functions of their arguments), or ``"auto"`` (``"func"`` exactly when a
+            functorch transform is active or dynamo is tracing). Under ``vmap`` the solver must
+            run a fixed number of iterations (``tol=0``), else :class:`hypergrad.TransformError`.
 
     Returns:
-        ``(grads, stats)``: ``grads`` shaped like ``outer``; :class:`ImplicitStats`.
+        ``(grads, stats)``: ``grads`` shaped like ``outer``; :class:`ImplicitStats`. Both are
+        pytrees: returned from ``vmap``, every tensor gains the task dimension.
 
     Example:
         >>> grads, stats = implicit_grad(lower, upper, {"w": w_star}, {"log_lam": log_lam},
         ...                              solver=CG(maxiter=50, tol=1e-10))
+        >>> # one hypergradient per task (inner and data batched on dim 0, outer shared)
+        >>> per_task = torch.func.vmap(
+        ...     lambda w, X, y: implicit_grad(lambda i, o: lower(i, o, X, y), upper, {"w": w},
+        ...                                   outer, solver=CG(maxiter=20, tol=0.0))[0])(W, Xs, ys)
     """
     solver = CG() if solver is None else solver
     _check_tree(inner, "inner")
@@ -174,6 +214,13 @@ def implicit_grad(
         raise ValueError(f"damping must be >= 0, got {damping}")
     if cross_method not in ("autograd", "finite_difference"):
         raise ValueError(f"cross_method must be 'autograd' or 'finite_difference', got {cross_method!r}")
+    if use_func(backend):
+        if distributed:
+            raise ValueError("distributed=True needs backend='autograd' (collectives do not run under "
+                             "torch.func transforms); pass backend='autograd' outside any transform")
+        return _implicit_grad_func(lower_loss, upper_loss, inner, outer, solver, hvp_method=hvp_method,
+                                   damping=damping, cross_method=cross_method, fd_eps=fd_eps, x0=x0,
+                                   stationarity_tol=stationarity_tol)
 
     def reduce(tree: Tree) -> Tree:
         return all_reduce_mean(tree, group) if distributed else tree
@@ -201,6 +248,50 @@ def implicit_grad(
         cross = _fd_mixed(lower_loss, inner_d, outer_d, u, fd_eps)
     grads = reduce(tree_sub({k: g.detach() for k, g in direct.items()}, cross))
     return grads, ImplicitStats(solve=solution.stats, stationarity=stationarity, upper_loss=upper_value)
+
+
+def _implicit_grad_func(lower_loss: Loss2, upper_loss: Loss2, inner: Mapping[str, Tensor],
+                        outer: Mapping[str, Tensor], solver: Solver, *, hvp_method: HVPMethod, damping: float,
+                        cross_method: str, fd_eps: float | None, x0: Tree | None,
+                        stationarity_tol: float | None) -> tuple[Tree, ImplicitStats]:
+    r""":func:`implicit_grad` by ``torch.func`` alone (no ``requires_grad_``, no ``autograd.grad``).
+
+    One ``vjp`` of :math:`(i, o) \mapsto \nabla_i L(i, o)` gives the stationarity residual, the
+    reverse-mode Hessian products (its inner cotangent) and the mixed term (its outer cotangent).
+    """
+    inner_d = {k: x.detach() for k, x in inner.items()}
+    outer_d = {k: x.detach() for k, x in outer.items()}
+
+    def upper(i: Tree, o: Tree) -> Tensor:
+        return _check_scalar(upper_loss(i, o), "upper_loss")
+
+    (v, direct), upper_value = torch.func.grad_and_value(upper, argnums=(0, 1))(inner_d, outer_d)
+
+    def grad_inner(i: Tree, o: Tree) -> Tree:
+        g: Tree = torch.func.grad(lambda p: _check_scalar(lower_loss(p, o), "lower_loss"))(i)
+        return g
+
+    g, pullback = vjp(grad_inner, inner_d, outer_d)
+    stationarity = tree_norm(g)
+    if not (compiling() or vmap_active()):
+        _warn_if_not_stationary(stationarity, stationarity_tol, "||grad_inner lower_loss||")
+
+    def f(p: Tree) -> Tensor:
+        return lower_loss(p, outer_d)
+
+    hessian: LinearOperator = (
+        HessianOperator.from_linearization(lambda x: pullback(dict(x))[0], f, inner_d) if hvp_method == "reverse"
+        else HessianOperator(f, inner_d, method=hvp_method, fd_eps=fd_eps, backend="func")
+    )
+    operator = DampedOperator(hessian, damping, 1.0) if damping > 0 else hessian
+    solution = solver.solve(operator, v, x0)
+    u = solution.value
+    if cross_method == "autograd":
+        cross: Tree = pullback(dict(u))[1]
+    else:
+        cross = _fd_mixed(lower_loss, inner_d, outer_d, u, fd_eps, backend="func")
+    grads = tree_sub(direct, cross)
+    return grads, ImplicitStats(solve=solution.stats, stationarity=stationarity, upper_loss=upper_value.detach())
 
 
 def fixed_point_grad(
@@ -237,6 +328,7 @@ def fixed_point_grad(
         group: as in :func:`implicit_grad`.
         stationarity_tol: as in :func:`implicit_grad`, for :math:`\|T(i, o) - i\|`.
     """
+    _autograd_only("fixed_point_grad")
     solver = Neumann(maxiter=50, alpha=1.0) if solver is None else solver
     _check_tree(inner, "inner")
     _check_tree(outer, "outer")
@@ -288,6 +380,7 @@ def darts_grad(
     No Hessian product is formed (``stats.solve.num_hvp == 0``); it costs four gradients.
     With ``xi = 0`` it is the first-order approximation :math:`\partial_o F(i, o)`.
     """
+    _autograd_only("darts_grad")
     if xi < 0 or eps <= 0:
         raise ValueError(f"xi must be >= 0 and eps > 0, got xi={xi}, eps={eps}")
     _check_tree(inner, "inner")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._func import BACKENDS, Backend, batched_products, linearize_gradient, use_func
 from ._hvp import GradientGraph, HVPMethod, Objective, hvp_batched, primals
 from ._tree import Tree, check_compatible, tree_add, tree_scale
 
@@ -58,6 +59,11 @@ class HessianOperator(LinearOperator):
             for one — runs once). ``False`` re-evaluates ``f`` on every product, as the BiSSL
             reference code does.
         fd_eps: fixed finite-difference step (default: scaled, see :mod:`hypergrad._hvp`).
+        backend: ``"auto"`` (``torch.func`` inside a functorch transform or ``torch.compile``,
+            autograd otherwise), ``"autograd"`` or ``"func"``. With ``"func"`` the reused
+            first-order graph is a ``torch.func.vjp`` linearisation of ``grad(f)``. The cache is
+            built on first use: use the operator inside the transform (or compiled function)
+            that first used it.
 
     Example:
         >>> H = HessianOperator(lambda p: (p["w"] ** 4).sum(), {"w": torch.ones(3)})
@@ -72,6 +78,7 @@ class HessianOperator(LinearOperator):
     fd_eps: float | None = None
     symmetric: bool = True
     positive_definite: bool = False
+    backend: Backend = "auto"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,11 +86,19 @@ class HessianOperator(LinearOperator):
             raise ValueError(
                 f"method={self.method!r} is not an HVP method; use 'reverse', 'forward' or 'finite_difference'"
             )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto', 'autograd' or 'func', got {self.backend!r}")
 
     @classmethod
     def from_graph(cls, graph: GradientGraph, f: Objective, params: Mapping[str, Tensor]) -> HessianOperator:
         """A reverse-mode operator that reuses an already built :class:`GradientGraph` of ``f`` at ``params``."""
-        return cls(f, params, method="reverse", reuse_graph=True, _cache={"graph": graph})
+        return cls(f, params, method="reverse", reuse_graph=True, backend="autograd", _cache={"graph": graph})
+
+    @classmethod
+    def from_linearization(cls, hvp: Callable[[Tree], Tree], f: Objective,
+                           params: Mapping[str, Tensor]) -> HessianOperator:
+        """A ``torch.func`` reverse-mode operator reusing ``hvp = v -> Hv`` (a built linearisation)."""
+        return cls(f, params, method="reverse", reuse_graph=True, backend="func", _cache={"linearization": hvp})
 
     def gradient_graph(self) -> GradientGraph:
         """The cached first-order graph (built on first use)."""
@@ -103,8 +118,12 @@ class HessianOperator(LinearOperator):
 
     def _products(self, X: Tree) -> Tree:
         if self.method == "reverse" and self.reuse_graph:
+            if "linearization" in self._cache or use_func(self.backend):
+                if "linearization" not in self._cache:
+                    self._cache["linearization"] = linearize_gradient(self.f, self.params)[1]
+                return batched_products(self._cache["linearization"], X)
             return self.gradient_graph().vjp_batched(X)
-        return hvp_batched(self.f, self.params, X, method=self.method, fd_eps=self.fd_eps)
+        return hvp_batched(self.f, self.params, X, method=self.method, fd_eps=self.fd_eps, backend=self.backend)
 
 
 @dataclass(frozen=True, eq=False)

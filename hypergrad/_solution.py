@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._tree import Tree
@@ -115,6 +116,25 @@ class SolveStats:
             "relative_residual": self.relative_residual.tolist(),
             "min_curvature": None if self.min_curvature is None else self.min_curvature.tolist(),
         }
+
+
+_STATS_TENSORS = ("residual_norm", "rhs_norm", "residual_history", "threshold", "breakdown", "nonfinite",
+                  "min_curvature")
+_STATS_STATIC = ("solver", "iterations", "num_hvp", "checked")
+
+
+def _flatten_stats(stats: SolveStats) -> tuple[list[Any], tuple[Any, ...]]:
+    return [getattr(stats, n) for n in _STATS_TENSORS], tuple(getattr(stats, n) for n in _STATS_STATIC)
+
+
+def _unflatten_stats(values: Any, context: Any) -> SolveStats:
+    return SolveStats(**dict(zip(_STATS_TENSORS, values, strict=True)),
+                      **dict(zip(_STATS_STATIC, context, strict=True)))
+
+
+# A pytree node (tensors are children; name and counts are static), so that stats can be returned
+# from torch.func.vmap (every tensor gains the batch dimension) and from compiled functions.
+pytree.register_pytree_node(SolveStats, _flatten_stats, _unflatten_stats)
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,11 @@ def _keys_values(tree: Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
 
 
 def _wrapped(leaves: list[Tensor]) -> bool:
-    """Whether a ``torch.func`` transform wraps the leaves (the fused kernels have no vmap rule)."""
+    """Whether to run leaf by leaf instead of the fused kernels: when a ``torch.func`` transform
+    wraps the leaves (the fused kernels have no vmap rule), and under ``torch.compile`` (dynamo
+    cannot trace the wrapper check, and the compiler fuses the per-leaf operations itself)."""
+    if torch.compiler.is_compiling():
+        return True
     return any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in leaves)
 
 

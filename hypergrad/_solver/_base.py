@@ -10,7 +10,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .._errors import NonFiniteError, OperatorTagError, SolverBreakdownError
+from .._errors import NonFiniteError, OperatorTagError, SolverBreakdownError, TransformError
+from .._func import vmap_active
 from .._operator import LinearOperator
 from .._solution import Solution, SolveStats
 from .._tree import Tree, check_compatible, tree_batch_norm
@@ -131,6 +132,15 @@ class Solver(abc.ABC):
         return self.check_every is not None and (self.tol > 0 or self.atol > 0)
 
     @property
+    def reads_values(self) -> bool:
+        """Whether a solve reads tensor values on the host (tolerance checks, raise policies).
+
+        Such a solve cannot run under ``torch.func.vmap`` and breaks a ``torch.compile`` graph.
+        """
+        checks = self.checks_enabled and self.maxiter > 0
+        return checks or self.on_breakdown == "raise" or self.on_nonfinite == "raise"
+
+    @property
     def check_every_or_one(self) -> int:
         return self.check_every or 1
 
@@ -150,7 +160,23 @@ class Solver(abc.ABC):
 
         Returns:
             :class:`Solution` with the value shaped like ``b`` and :class:`SolveStats`.
+
+        Raises:
+            TransformError: under ``torch.func.vmap`` with a solver that reads values
+                (:attr:`reads_values`): use a fixed-iteration solve (``tol=0`` or
+                ``check_every=None``) with the report policies.
         """
+        if self.reads_values and vmap_active():
+            reasons = [f"{name}={getattr(self, name)!r}" for name in ("on_breakdown", "on_nonfinite")
+                       if getattr(self, name) == "raise"]
+            if self.checks_enabled:
+                reasons.insert(0, f"tol={self.tol}, atol={self.atol}, check_every={self.check_every}")
+            raise TransformError(
+                f"{type(self).__name__} with {', '.join(reasons)} reads tensor values on the host, which "
+                f"torch.func.vmap cannot batch; use a fixed-iteration solve, e.g. "
+                f"{type(self).__name__}(maxiter={self.maxiter}, tol=0.0) with the 'report'/'stop' "
+                f"policies, and read the per-task stats afterwards"
+            )
         if not isinstance(operator, LinearOperator):
             raise TypeError(
                 f"operator must be a hypergrad.LinearOperator, got {type(operator).__name__}; "
