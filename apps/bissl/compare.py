@@ -33,7 +33,7 @@ from typing import Any
 
 from bissl.checkpoint import load_checkpoint
 from bissl.config import RunConfig
-from bissl.distributed import DistInfo, on_main
+from bissl.distributed import DistInfo, broadcast_object, on_main
 from bissl.rundir import RunDir
 from bissl.stages._common import Splits, StepHook, load_splits
 from bissl.stages.bilevel import run_bissl
@@ -183,6 +183,11 @@ def projected_seconds(cfg: RunConfig, splits: Splits, info: DistInfo) -> dict[st
     return {"pretext": pretext, **arms, "total": pretext + sum(arms.values())}
 
 
+def _recorded(run: RunDir, info: DistInfo) -> dict[str, Any]:
+    """``runs.jsonl`` as rank 0 wrote it, on every rank (no rank reads a half-written file)."""
+    return broadcast_object(info, read_runs(run.path) if info.is_main else None)
+
+
 def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False,
                    step_hook: StepHook | None = None) -> dict[str, Any]:
     """Pretext -> warm-up -> every arm (search on the first seed, then each seed) -> test -> table.
@@ -201,16 +206,17 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
         print(f"[run] arms {', '.join(cfg.arms)}; seeds {seeds}; BiSSL stage {b.alternations} alternations x "
               f"({b.lower_steps} lower + {b.upper_steps} upper steps), solver {b.solver} "
               f"({b.solver_iterations} iterations); search {cfg.search.trials} trials per arm", flush=True)
-        projection = projected_seconds(cfg, splits, info)
-        print("[run] projected wall time on this machine (timed single steps, evaluation left out): "
-              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in projection.items()), flush=True)
+        if not info.distributed:  # the timed steps would enter collectives on one rank only
+            projection = projected_seconds(cfg, splits, info)
+            print("[run] projected wall time on this machine (timed single steps, evaluation left out): "
+                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in projection.items()), flush=True)
     run_pretext(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
 
     for arm in cfg.arms:
         acfg = arm_config(cfg, arm)
         arm_run = RunDir.create(run.path / "arms" / arm, acfg, writer=info.is_main)
-        recorded = read_runs(run.path).get(arm, {"search": None, "seeds": {}})
+        recorded = _recorded(run, info).get(arm, {"search": None, "seeds": {}})
         best = None
         for i, seed in enumerate(seeds):
             if str(seed) in recorded["seeds"] and recorded["search"] is not None:
@@ -238,7 +244,7 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
                 "seconds": stage.seconds + time.perf_counter() - t0}})
 
     # The test split, read once per seed run, at the end.
-    arms = read_runs(run.path)
+    arms = _recorded(run, info)
     for arm in cfg.arms:
         arm_run = RunDir(run.path / "arms" / arm, writer=info.is_main)
         for seed in seeds:
@@ -248,7 +254,7 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
                     arm_config(cfg, arm), arm_run, info, splits, rec["finetune_name"]))
                 _append(run, {"arm": arm, "kind": "test", "seed": seed, "metrics": metrics})
                 run.log(f"test/{arm}", seed, **metrics)
-    results = summarise(cfg, read_runs(run.path))
+    results = summarise(cfg, _recorded(run, info))
     results["wall_s"] = time.perf_counter() - start
     if info.is_main:
         print("\n" + publish(cfg, run, results), flush=True)

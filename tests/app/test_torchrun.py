@@ -18,7 +18,7 @@ TINY = ["pretext.epochs=2", "pretext.warmup_epochs=1", "pretext.eval_every_epoch
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(400)
 def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -27,7 +27,7 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        stdout, stderr = proc.communicate(timeout=560)
+        stdout, stderr = proc.communicate(timeout=360)
     except subprocess.TimeoutExpired:
         # SIGTERM lets torchrun stop its workers (each runs in its own session and would
         # survive a SIGKILL of torchrun alone)

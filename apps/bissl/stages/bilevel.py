@@ -309,10 +309,15 @@ def alternation(state: BiSSLState, losses: tuple[PretextLoss, PretextLoss], lowe
     return lower, upper, {"lower_s": t1 - t0, "upper_s": t2 - t1, "setup_hvp": system.setup_hvp}
 
 
-def stage_losses(cfg: RunConfig, net: SimCLRNet) -> tuple[PretextLoss, PretextLoss]:
-    """(training loss of the lower steps, loss whose Hessian is taken): one pretext loss."""
+def stage_losses(cfg: RunConfig, net: SimCLRNet, *, gather: bool = True) -> tuple[PretextLoss, PretextLoss]:
+    """(training loss of the lower steps, loss whose Hessian is taken): one pretext loss.
+
+    ``gather=False`` keeps the training loss on this process's batch even under torchrun (a
+    dry run on one rank must not enter a collective).
+    """
     p = cfg.pretext
-    train = simclr_loss(net, temperature=p.temperature, view_passes=p.view_passes, update_buffers=True)
+    train = simclr_loss(net, temperature=p.temperature, view_passes=p.view_passes, update_buffers=True,
+                        gather_distributed=gather)
     hessian = simclr_loss(net, temperature=p.temperature, view_passes=p.view_passes,
                           update_buffers=cfg.bissl.hvp_updates_bn, gather_distributed=False)
     return train, hessian
@@ -561,7 +566,7 @@ def dry_run(cfg: RunConfig, spec: DatasetSpec, *, batch: int, generator: torch.G
     net = build_simclr(cfg, in_channels)
     state = initial_state(cfg, in_channels, new_classifier(cfg, spec),
                           {"model": net.state_dict(), "backbone": net.backbone.state_dict()}, None, info.device)
-    train_loss, hessian_loss = stage_losses(cfg, state.lower)
+    train_loss, hessian_loss = stage_losses(cfg, state.lower, gather=False)
 
     def images() -> Tensor:
         return torch.randn(batch, in_channels, s, s, generator=generator)
