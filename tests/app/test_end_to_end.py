@@ -21,7 +21,7 @@ TINY = ["pretext.epochs=8", "pretext.warmup_epochs=1", "pretext.batch_size=128",
         "search.trial_epochs=1", "search.seeds=2", "checkpoint_every_steps=1000"]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_tiny_pipeline_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     argv = ["conventional", "--run-dir", str(run_dir), *[a for s in TINY for a in ("--set", s)]]

@@ -137,7 +137,7 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(400)
 def test_distributed_gather_matches_single_process(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if not dist.is_available():

@@ -38,7 +38,7 @@ def _flat(tree):
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(400)
 def test_distributed_implicit_grad_equals_dense_single_process_truth(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     init_method = f"file://{tmp_path / 'rendezvous'}"
