@@ -35,7 +35,7 @@ from bissl.checkpoint import load_checkpoint
 from bissl.config import RunConfig
 from bissl.distributed import DistInfo, broadcast_object, on_main
 from bissl.rundir import RunDir
-from bissl.stages._common import Splits, StepHook, load_splits
+from bissl.stages._common import Splits, StepHook, load_splits, warmup_parts
 from bissl.stages.bilevel import run_bissl
 from bissl.stages.continued import run_continued_pretext, run_supervised_steps
 from bissl.stages.finetune import FinetuneInit, run_finetune, test_metrics
@@ -65,11 +65,6 @@ class ArmStage:
     seconds: float = 0.0
 
 
-def _warmup_head(run: RunDir) -> dict[str, Any]:
-    last = load_checkpoint(run.checkpoint("warmup-final"))["last"]
-    return {k.removeprefix("head."): v for k, v in last.items() if k.startswith("head.")}
-
-
 def arm_stage(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, arm: str, seed: int, *,
               step_hook: StepHook | None = None) -> ArmStage:
     """Run (or resume, or reload) arm ``arm``'s training after the pretext checkpoint, for ``seed``.
@@ -91,7 +86,7 @@ def arm_stage(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, arm: 
     backbone = load_checkpoint(run.checkpoint(f"continued-s{seed}-final"))["backbone"]
     if arm == "conventional":
         return ArmStage(FinetuneInit(backbone), cont.pretext_images, 0, 0, cont.seconds)
-    head = _warmup_head(run) if cfg.warmup.epochs > 0 else None
+    head = warmup_parts(run)[1] if cfg.warmup.epochs > 0 else None
     sup = run_supervised_steps(cfg, run, info, splits, seed=seed, name=f"supervised-s{seed}",
                                backbone=backbone, head=head, resume=True, step_hook=step_hook)
     backbone = load_checkpoint(run.checkpoint(f"supervised-s{seed}-final"))["backbone"]

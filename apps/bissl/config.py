@@ -288,7 +288,6 @@ class BiSSLConfig(_Section):
 
 
 ArmName = Literal["conventional", "conventional+", "bissl", "bissl-identity", "scratch"]
-ARMS: tuple[str, ...] = ("conventional", "conventional+", "bissl", "bissl-identity", "scratch")
 
 
 class RunConfig(_Section):

@@ -43,11 +43,10 @@ def bilevel(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False
     """``bissl bilevel``: the BiSSL stage on a run's pretext checkpoint (warm-up run if missing)."""
     splits = load_splits(cfg, info)
     _require_pretext(run)
-    warm = run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
-    stage = run_bissl(cfg, run, info, splits, resume=resume, step_hook=step_hook)
+    run_linear_warmup(cfg, run, info, splits, resume=True, step_hook=step_hook)
+    run_bissl(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     if info.is_main:
         run.write_plots()
-    del warm, stage
 
 
 def finetune_once(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool = False) -> None:

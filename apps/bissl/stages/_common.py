@@ -37,6 +37,24 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def seeded_item(base: Dataset, *, seed: int, epoch: int, index: int) -> Any:
+    """``base[index]`` with the torch RNG seeded from (seed, epoch, index); the caller's RNG
+    state is left untouched. Unique per (epoch, index) for epochs < 100_003."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(((seed * 100_003 + epoch) * len(base) + index) % 2**63)  # type: ignore[arg-type]
+        return base[index]
+
+
+def warmup_parts(run: RunDir) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone, head) state dicts of the linear warm-up's last weights (``warmup-final.pt``)."""
+    last = load_checkpoint(run.checkpoint("warmup-final"))["last"]
+    parts: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
+    for key, value in last.items():
+        child, _, name = key.partition(".")
+        parts[0 if child == "backbone" else 1][name] = value
+    return parts
+
+
 class SeededItems(Dataset):
     """Runs ``base[i]`` with the torch RNG seeded from (seed, epoch, i).
 
@@ -51,10 +69,7 @@ class SeededItems(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            # unique per (epoch, index) for epochs < 100_003
-            torch.manual_seed(((self.seed * 100_003 + self.epoch) * len(self) + index) % 2**63)
-            return self.base[index]
+        return seeded_item(self.base, seed=self.seed, epoch=self.epoch, index=index)
 
 
 def loader(dataset: Dataset, batches: Sequence[Sequence[int]], cfg: RunConfig,

@@ -63,7 +63,9 @@ from bissl.stages._common import (
     evaluate_classifier,
     new_classifier,
     seed_everything,
+    seeded_item,
     start_or_resume,
+    warmup_parts,
 )
 from bissl.stages.pretext import SimCLRNet, build_simclr, prepare_simclr
 
@@ -208,7 +210,6 @@ class LinearSystem:
     operator: hypergrad.LinearOperator
     solver: hypergrad.Solver
     setup_hvp: int = 0  # products spent once per alternation (a Nystrom sketch)
-    stats: list[dict[str, float]] = field(default_factory=list)
 
 
 def build_system(state: BiSSLState, hessian_loss: PretextLoss, batch: PretextBatch, b: BiSSLConfig,
@@ -343,9 +344,7 @@ class _EpochItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 100_003 + epoch) * len(self) + index) % 2**63)
-            return self.base[index]
+        return seeded_item(self.base, seed=self.seed, epoch=epoch, index=index)
 
 
 @dataclass
@@ -459,8 +458,7 @@ def _val_top1(cfg: RunConfig, backbone: nn.Module, head: nn.Module, splits: Spli
 
 
 def run_bissl(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *, seed: int | None = None,
-              name: str = STAGE, resume: bool = False, pretext_checkpoint: str = "pretext-final",
-              warmup_checkpoint: str = "warmup-final", step_hook: StepHook | None = None) -> BiSSLResult:
+              name: str = STAGE, resume: bool = False, step_hook: StepHook | None = None) -> BiSSLResult:
     """Run the BiSSL stage from the pretext and warm-up checkpoints of ``run``.
 
     Writes ``<name>.pt`` every ``bissl.checkpoint_every_alternations`` alternations and
@@ -483,10 +481,8 @@ def run_bissl(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *, se
     saved = start_or_resume(run, name, resume=resume)
     seed_everything(seed, deterministic=cfg.deterministic)
 
-    pretext = load_checkpoint(run.checkpoint(pretext_checkpoint))
-    warm = load_checkpoint(run.checkpoint(warmup_checkpoint)) if cfg.warmup.epochs > 0 else None
-    head = None if warm is None else {k.removeprefix("head."): v for k, v in warm["last"].items()
-                                      if k.startswith("head.")}
+    pretext = load_checkpoint(run.checkpoint("pretext-final"))
+    head = warmup_parts(run)[1] if cfg.warmup.epochs > 0 else None
     state = initial_state(cfg, splits.spec.in_channels, new_classifier(cfg, splits.spec), pretext, head,
                           info.device)
     state.lower = prepare_simclr(state.lower, cfg, info)  # SyncBN conversion only; same module on CPU

@@ -42,6 +42,7 @@ from bissl.stages._common import (
     seed_everything,
     start_or_resume,
     training_state,
+    warmup_parts,
 )
 from bissl.stages.pretext import pretext_backbone_state
 
@@ -195,10 +196,8 @@ class FinetuneInit:
 def pretext_init(cfg: RunConfig, run: RunDir) -> FinetuneInit:
     """The run's pretext backbone, with the warm-up's head (and BN buffers) if ``head_init: warmup``."""
     if cfg.finetune.head_init == "warmup" and cfg.warmup.epochs > 0:
-        last = load_checkpoint(run.checkpoint("warmup-final"))["last"]
-        return FinetuneInit(
-            backbone={k.removeprefix("backbone."): v for k, v in last.items() if k.startswith("backbone.")},
-            head={k.removeprefix("head."): v for k, v in last.items() if k.startswith("head.")})
+        backbone, head = warmup_parts(run)
+        return FinetuneInit(backbone=backbone, head=head)
     return FinetuneInit(backbone=pretext_backbone_state(run))
 
 
