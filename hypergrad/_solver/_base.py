@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -18,6 +18,7 @@ from .._tree import Tree, check_compatible, tree_batch_norm
 
 BreakdownPolicy = Literal["stop", "continue", "raise"]
 NonfinitePolicy = Literal["report", "raise"]
+Callback = Callable[[int, Tree], None]
 
 
 def _batch_size(B: Mapping[str, Tensor]) -> int:
@@ -27,8 +28,10 @@ def _batch_size(B: Mapping[str, Tensor]) -> int:
 class Monitor:
     """Bookkeeping of one batched solve: residual history, HVP count, breakdown and NaN flags."""
 
-    def __init__(self, solver: Solver, B: Tree, R0: Tree, num_hvp: int = 0) -> None:
+    def __init__(self, solver: Solver, B: Tree, R0: Tree, num_hvp: int = 0,
+                 callback: Callback | None = None) -> None:
         self.solver = solver
+        self.callback = callback
         self.rhs_norm = tree_batch_norm(B)
         self.threshold = torch.clamp_min(solver.tol * self.rhs_norm, solver.atol)
         self.history = [tree_batch_norm(R0)]
@@ -53,12 +56,14 @@ class Monitor:
         self.breakdown = self.breakdown | bad
         return bad
 
-    def step(self, residual_norm: Tensor) -> bool:
-        """Record an iteration; return True when every right-hand side is finished.
+    def step(self, residual_norm: Tensor, X: Tree | None = None) -> bool:
+        """Record an iteration (and show the iterate ``X`` to the callback); return True when done.
 
         Synchronises with the device only on the solver's check interval.
         """
         self.iterations += 1
+        if self.callback is not None and X is not None:
+            self.callback(self.iterations, X)
         self.history.append(residual_norm)
         self.nonfinite = self.nonfinite | ~torch.isfinite(residual_norm)
         if not self.solver.checks_enabled or self.iterations % self.solver.check_every_or_one != 0:
@@ -110,6 +115,7 @@ class Solver(abc.ABC):
     on_nonfinite: NonfinitePolicy = "report"
 
     requires_symmetric: ClassVar[bool] = False
+    supports_callback: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -148,7 +154,8 @@ class Solver(abc.ABC):
     def freezes_on_breakdown(self) -> bool:
         return self.on_breakdown in ("stop", "raise")
 
-    def solve(self, operator: LinearOperator, b: Tree, x0: Tree | None = None, *, batched: bool = False) -> Solution:
+    def solve(self, operator: LinearOperator, b: Tree, x0: Tree | None = None, *, batched: bool = False,
+              callback: Callback | None = None) -> Solution:
         """Solve :math:`A x = b`.
 
         Args:
@@ -157,6 +164,9 @@ class Solver(abc.ABC):
                 (k systems with the same operator, sharing batched products).
             x0: optional initial guess shaped like ``b`` (costs one extra product).
             batched: see ``b``.
+            callback: ``callback(iteration, x)`` after every iteration, with the iterate shaped
+                like ``b`` (for monitoring and benchmarks; the solver does not read it, and it
+                must not modify ``x``). A callback that reads values synchronises with the device.
 
         Returns:
             :class:`Solution` with the value shaped like ``b`` and :class:`SolveStats`.
@@ -189,11 +199,18 @@ class Solver(abc.ABC):
             )
         if not b:
             raise ValueError("b must be a non-empty tree of tensors")
+        if callback is not None and not self.supports_callback:
+            raise ValueError(f"{type(self).__name__} does not form its iterate on every iteration, so it takes "
+                             f"no callback; use CG, MINRES, LayerwiseCG or Neumann to watch iterates")
         if x0 is not None:
             check_compatible(b, x0, "b", "x0")
         B = dict(b) if batched else {k: v.unsqueeze(0) for k, v in b.items()}
         X0 = None if x0 is None else (dict(x0) if batched else {k: v.unsqueeze(0) for k, v in x0.items()})
-        X, stats = self._solve(operator, B, X0)
+        watch = callback
+        if callback is not None and not batched:
+            def watch(iteration: int, X: Tree) -> None:
+                callback(iteration, {k: v[0] for k, v in X.items()})
+        X, stats = self._solve(operator, B, X0, watch)
         if self.on_nonfinite == "raise" and bool(stats.nonfinite.any()):
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite values in the right-hand side or an operator product "
@@ -212,7 +229,8 @@ class Solver(abc.ABC):
         return Solution(X, stats)
 
     @abc.abstractmethod
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         """Solve for k stacked right-hand sides; return the stacked solution and stats."""
 
 

@@ -11,7 +11,7 @@ import torch
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_axpy, tree_batch_dot, tree_batch_norm, tree_scale
-from ._base import Monitor, Solver, initial_residual, safe_divide
+from ._base import Callback, Monitor, Solver, initial_residual, safe_divide
 
 __all__ = ["CG"]
 
@@ -47,9 +47,10 @@ class CG(Solver):
 
     requires_symmetric: ClassVar[bool] = True
 
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X, R, used = initial_residual(operator, B, X0)
-        monitor = Monitor(self, B, R, num_hvp=used)
+        monitor = Monitor(self, B, R, num_hvp=used, callback=callback)
         precondition = self.preconditioner or (lambda r: r)
         Z = precondition(R)
         D = Z
@@ -77,6 +78,6 @@ class CG(Solver):
             else:
                 D = tree_axpy(beta, D, Z)
                 rz = rz_new
-            if monitor.step(tree_batch_norm(R)):
+            if monitor.step(tree_batch_norm(R), X):
                 break
         return X, monitor.stats()

@@ -3,13 +3,14 @@ r"""GMRES for general (non-symmetric) systems, e.g. fixed-point hypergradients."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_axpy, tree_batch_dot, tree_batch_norm, tree_scale
-from ._base import Monitor, Solver, initial_residual, safe_divide
+from ._base import Callback, Monitor, Solver, initial_residual, safe_divide
 
 __all__ = ["GMRES"]
 
@@ -27,9 +28,12 @@ class GMRES(Solver):
     ``maxiter`` modest for large models.
     """
 
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    supports_callback: ClassVar[bool] = False
+
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X, R, used = initial_residual(operator, B, X0)
-        monitor = Monitor(self, B, R, num_hvp=used)
+        monitor = Monitor(self, B, R, num_hvp=used, callback=callback)
         beta = tree_batch_norm(R)  # (k,)
         tiny = torch.finfo(beta.dtype).tiny
         basis = [tree_scale(R, safe_divide(torch.ones_like(beta), beta, beta > tiny))]

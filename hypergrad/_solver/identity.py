@@ -9,7 +9,7 @@ import torch
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_batch_norm, tree_scale, tree_sub
-from ._base import Monitor, Solver
+from ._base import Callback, Monitor, Solver
 
 __all__ = ["Identity"]
 
@@ -33,9 +33,10 @@ class Identity(Solver):
     compute_residual: bool = False
     maxiter: int = 0
 
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X = tree_scale(B, self.scale)
-        monitor = Monitor(self, B, B)
+        monitor = Monitor(self, B, B, callback=callback)
         if self.compute_residual:
             residual = tree_batch_norm(tree_sub(B, monitor.product(operator, X)))
             monitor.history[0] = residual

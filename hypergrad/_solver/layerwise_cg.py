@@ -11,7 +11,7 @@ from torch import Tensor
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_batch_dot, tree_batch_norm
-from ._base import BreakdownPolicy, Monitor, Solver, initial_residual, safe_divide
+from ._base import BreakdownPolicy, Callback, Monitor, Solver, initial_residual, safe_divide
 
 __all__ = ["LayerwiseCG"]
 
@@ -52,9 +52,10 @@ class LayerwiseCG(Solver):
 
     requires_symmetric: ClassVar[bool] = True
 
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X, R, used = initial_residual(operator, B, X0)
-        monitor = Monitor(self, B, R, num_hvp=used)
+        monitor = Monitor(self, B, R, num_hvp=used, callback=callback)
         D = dict(R)
         rr = {k: _leaf_dot(R[k], R[k]) for k in R}
         active = torch.ones_like(next(iter(rr.values())), dtype=torch.bool)
@@ -87,7 +88,7 @@ class LayerwiseCG(Solver):
                 else:
                     D[k] = R[k] + beta.to(D[k].dtype).reshape(shape) * D[k]
                     rr[k] = rr_new
-            if monitor.step(tree_batch_norm(R)):
+            if monitor.step(tree_batch_norm(R), X):
                 break
         # The per-leaf recurrence is not b - A x once alpha differs across the leaves of a coupled
         # operator: spend one product to report the true final residual.

@@ -10,7 +10,7 @@ import torch
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_axpy, tree_batch_dot, tree_batch_norm, tree_scale, tree_zeros_like
-from ._base import Monitor, Solver, initial_residual, safe_divide
+from ._base import Callback, Monitor, Solver, initial_residual, safe_divide
 
 __all__ = ["MINRES"]
 
@@ -29,9 +29,10 @@ class MINRES(Solver):
 
     requires_symmetric: ClassVar[bool] = True
 
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X, R, used = initial_residual(operator, B, X0)
-        monitor = Monitor(self, B, R, num_hvp=used)
+        monitor = Monitor(self, B, R, num_hvp=used, callback=callback)
         beta1 = tree_batch_norm(R)
         zero = torch.zeros_like(beta1)
         beta, old_beta = beta1, zero
@@ -63,7 +64,7 @@ class MINRES(Solver):
             w_prev, w_old = w, w_prev
             w = tree_scale(tree_axpy(-old_eps, w_old, tree_axpy(-delta, w_prev, v)), 1.0 / gamma)
             X = tree_axpy(phi, w, X)
-            if monitor.step(phibar.abs()):
+            if monitor.step(phibar.abs(), X):
                 break
         # Lanczos breakdown (beta = 0) means the Krylov space is invariant: the solve is exact,
         # not a failure, so MINRES never reports breakdown from curvature.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .._operator import LinearOperator
 from .._solution import SolveStats
 from .._tree import Tree, tree_axpy, tree_batch_norm
-from ._base import Monitor, Solver, initial_residual
+from ._base import Callback, Monitor, Solver, initial_residual
 
 __all__ = ["Neumann"]
 
@@ -37,12 +37,13 @@ class Neumann(Solver):
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"Neumann: alpha must be a number > 0, got {self.alpha!r}; use e.g. 1/L for an L-smooth inner loss")
 
-    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None) -> tuple[Tree, SolveStats]:
+    def _solve(self, operator: LinearOperator, B: Tree, X0: Tree | None,
+               callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X, R, used = initial_residual(operator, B, X0)
-        monitor = Monitor(self, B, R, num_hvp=used)
+        monitor = Monitor(self, B, R, num_hvp=used, callback=callback)
         for _ in range(self.maxiter):
             X = tree_axpy(self.alpha, R, X)
             R = tree_axpy(-self.alpha, monitor.product(operator, R), R)
-            if monitor.step(tree_batch_norm(R)):
+            if monitor.step(tree_batch_norm(R), X):
                 break
         return X, monitor.stats()
