@@ -1,0 +1,205 @@
+"""Smoke mode of the alternation benchmark (CI): correctness of every contender, no timing.
+
+Tiny CNN, float64, a damped system that is positive definite (delta = 50). Everything is
+checked against a dense computation that shares no code with the benchmark or hypergrad:
+``torch.autograd.functional.hessian`` of the flattened pretext loss and ``torch.linalg``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import hypergrad as hg
+from benchmarks.alternation.contenders import CONTENDERS, Clock, flatten, unflatten
+from benchmarks.alternation.reference import CountingProduct, layerwise_cg
+from benchmarks.alternation.report import pooled, speedups, write_report
+from benchmarks.alternation.run import MODES, contenders, peers, run_mode, truth
+from benchmarks.alternation.workload import alternation, pretrained_models
+
+MODE = MODES["smoke"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def workload():
+    backbone, projector, feat, _ = pretrained_models(MODE.sizes, CPU)
+    return alternation(MODE.sizes, backbone, projector, feat, 0, CPU)
+
+
+def dense_operator(f, params, c: float) -> torch.Tensor:
+    flat = flatten(params)
+    H = torch.autograd.functional.hessian(lambda z: f(unflatten(z, params)), flat)
+    H = (H + H.T) / 2
+    return torch.eye(flat.numel(), dtype=flat.dtype) + H / c
+
+
+@pytest.fixture(scope="module")
+def dense(workload):
+    A = dense_operator(workload.f, workload.params, workload.c)
+    xs = [torch.linalg.solve(A, flatten(v)) for v in workload.rhs]
+    eig = torch.linalg.eigvalsh(A)
+    return {"A": A, "xs": xs, "eig": eig}
+
+
+def cg_bound(kappa: float, k: int) -> float:
+    """Relative 2-norm error bound of CG after k iterations from zero: 2 sqrt(kappa) rho^k."""
+    rho = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
+    return 2 * math.sqrt(kappa) * rho**k
+
+
+def dense_layerwise(A: torch.Tensor, b: torch.Tensor, sizes: list[int], iterations: int) -> torch.Tensor:
+    """The reference code's per-tensor CG, written on a dense matrix with index blocks."""
+    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    blocks = [slice(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+    x, r, d = torch.zeros_like(b), b.clone(), b.clone()
+    for _ in range(iterations):
+        ad = A @ d
+        for s in blocks:
+            rr = r[s] @ r[s]
+            alpha = rr / (d[s] @ ad[s])
+            x[s] = x[s] + alpha * d[s]
+            r[s] = r[s] - alpha * ad[s]
+            d[s] = r[s] + (r[s] @ r[s]) / rr * d[s]
+    return x
+
+
+def test_operator_is_positive_definite(dense):
+    assert dense["eig"][0] > 0.1, "the smoke workload must be SPD for the CG bounds below"
+
+
+def test_reference_equals_dense_layerwise_cg(workload, dense):
+    sizes = [t.numel() for t in workload.params.values()]
+    product = CountingProduct(workload.f, workload.params, workload.c)
+    for v in workload.rhs:
+        before = product.calls
+        x = flatten(layerwise_cg(product, v, 5))
+        assert product.calls - before == 5
+        expected = dense_layerwise(dense["A"], flatten(v), sizes, 5)
+        assert torch.allclose(x, expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
+def test_truth_equals_dense_solve(workload, dense):
+    xs, info = truth(workload, MODE.truth_tol)
+    for x, ref, s in zip(xs, dense["xs"], info["solves"], strict=True):
+        assert float((flatten(x) - ref).norm() / ref.norm()) < 1e-10
+        assert s["relative_residual"] < 1e-11
+
+
+@pytest.fixture(scope="module")
+def measured(workload, dense):
+    truths = [unflatten(x, workload.params) for x in dense["xs"]]
+    return contenders(workload, truths, MODE, Clock(CPU), None)
+
+
+def test_every_contender_ran(measured):
+    assert set(measured) == {c.name for c in CONTENDERS}
+
+
+def test_contender_errors_within_bounds(workload, dense, measured):
+    eig = dense["eig"]
+    kappa = float(eig[-1] / eig[0])
+    norms = [float(x.norm()) for x in dense["xs"]]
+    for name, c in measured.items():
+        for p in c["points"]:
+            k, errors = p["iterations"], p["errors"]
+            if name in ("cg", "cg-recycled"):
+                # A Galerkin guess from recycled directions never increases the A-norm error.
+                bounds = [cg_bound(kappa, k)] * len(errors)
+            elif name in ("cg-deflated", "cg-deflated-bf16"):
+                # M^-1 = (I - WW^T) + W E^-1 W^T has eigenvalues in [1/l_max(A), 1/l_min(A)] and 1,
+                # so kappa(M^-1 A) <= kappa(A)^2; the Galerkin guess never increases the A-norm error.
+                rho = (kappa - 1) / (kappa + 1)
+                low_precision = 0.1 * float((eig - 1).abs().max()) * kappa if name.endswith("bf16") else 0.0
+                bounds = [2 * math.sqrt(kappa) * rho**k + low_precision] * len(errors)
+            elif name == "cg-warm":
+                # k iterations from the previous solution x0: ||x - x0|| <= ||x|| + ||x0||.
+                prev = [0.0] + [n * (1 + cg_bound(kappa, k)) for n in norms[:-1]]
+                bounds = [cg_bound(kappa, k) * (n + q) / n for n, q in zip(norms, prev, strict=True)]
+            elif name == "identity":
+                bounds = [float((eig - 1).abs().max())] * len(errors)
+            elif name == "cg-bf16":
+                # bfloat16 keeps 8 significand bits; through a forward and two backward passes the
+                # product H u is allowed a 10% error of ||H/c|| ||u||, amplified by kappa.
+                h_norm = float((eig - 1).abs().max())
+                bounds = [cg_bound(kappa, k) + 0.1 * h_norm * kappa] * len(errors)
+            elif name == "cg-subsampled":
+                A_sub = dense_operator(workload.f_sub, workload.params, workload.c)
+                eig_sub = torch.linalg.eigvalsh(A_sub)
+                assert eig_sub[0] > 0
+                k_sub = float(eig_sub[-1] / eig_sub[0])
+                bounds = []
+                for v, x in zip(workload.rhs, dense["xs"], strict=True):
+                    x_sub = torch.linalg.solve(A_sub, flatten(v))
+                    bias = float((x_sub - x).norm() / x.norm())
+                    bounds.append(cg_bound(k_sub, k) * float(x_sub.norm()) / float(x.norm()) + bias)
+            elif name == "nystrom-pcg":
+                A_op = hg.DampedOperator(hg.HessianOperator(workload.f, workload.params), 1.0, 1.0 / workload.c)
+                pre = hg.NystromPreconditioner.build(A_op, workload.params, MODE.sizes.nystrom_rank,
+                                                     generator=torch.Generator().manual_seed(0))
+                cols = [flatten(pre({n: t.unsqueeze(0) for n, t in unflatten(col, workload.params).items()}))
+                        for col in dense["A"].T]
+                pa = torch.stack(cols, dim=1)  # P^{-1} A: similar to an SPD matrix
+                ev = torch.linalg.eigvals(pa).real
+                k_p = float(ev.max() / ev.min())
+                rho = (math.sqrt(k_p) - 1) / (math.sqrt(k_p) + 1)
+                bounds = [2 * math.sqrt(kappa) * rho**k] * len(errors)
+            elif name in ("reference", "layerwise-reuse"):
+                sizes = [t.numel() for t in workload.params.values()]
+                exact = [dense_layerwise(dense["A"], flatten(v), sizes, k) for v in workload.rhs]
+                bounds = [float((e - x).norm() / x.norm()) + 1e-10 for e, x in zip(exact, dense["xs"], strict=True)]
+            else:
+                pytest.fail(f"no bound for contender {name}")
+            for i, (err, bound) in enumerate(zip(errors, bounds, strict=True)):
+                assert err <= bound * (1 + 1e-9) + 1e-12, f"{name}, {k} iterations, rhs {i}: {err:.3e} > {bound:.3e}"
+
+
+def test_products_counted(measured):
+    rhs = MODE.sizes.rhs
+    for p in measured["reference"]["points"]:
+        assert p["products"] == rhs * p["iterations"]
+    for name in ("cg", "cg-recycled", "cg-deflated", "cg-bf16", "cg-deflated-bf16", "layerwise-reuse"):
+        for p in measured[name]["points"]:
+            assert p["products"] == rhs * p["iterations"], name
+    for p in measured["cg-warm"]["points"]:  # one product for the warm start's residual
+        assert p["products"] == rhs * p["iterations"] + (rhs - 1)
+    nystrom = measured["nystrom-pcg"]
+    sketches = 1 if nystrom["extra"]["sketched"] == "H + cI" else 2  # H's sketch, then A's
+    for p in nystrom["points"]:
+        assert p["products"] == sketches * MODE.sizes.nystrom_rank + rhs * p["iterations"]
+    assert measured["identity"]["points"][0]["products"] == 0
+
+
+def test_peers_read_nothing_on_the_host_in_fixed_iteration_mode(workload, dense):
+    truths = [unflatten(x, workload.params) for x in dense["xs"]]
+    out = peers(workload, truths, CPU)
+    eig = dense["eig"]
+    kappa = float(eig[-1] / eig[0])
+    for k in (4, 5):
+        row = out["rows"][f"hypergrad CG, {k} iterations"]
+        assert row["host_reads_per_solve"] == 0
+        assert row["products_per_solve"] == k
+        assert max(row["errors"]) <= cg_bound(kappa, k)
+    if not isinstance(out["torchopt"], str) or "not installed" not in out["torchopt"]:
+        row = out["rows"]["torchopt.linalg.cg, maxiter 4"]
+        assert row["products_per_solve"] == 5  # it forms the initial residual with a product
+        assert row["host_reads_per_solve"] > 0
+
+
+def test_report_renders_from_json(tmp_path: Path, monkeypatch):
+    result = run_mode("smoke", CPU, sections=("alternation", "overhead"))
+    assert result["seeds"][0]["overhead"]["max_rel_difference"] < 1e-12  # hypergrad's product = autograd's
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "alternation-quick.json").write_text(json.dumps(result))
+    out = write_report(tmp_path / "results", tmp_path / "docs")
+    text = out.read_text()
+    assert "## Targets" in text and "GPU" in text
+    assert (tmp_path / "docs" / "img" / "benchmarks" / "alternation-quick.png").stat().st_size > 1000
+    table, ups = pooled(result), speedups(result)
+    assert table["reference"][-1]["products"] == MODE.sizes.rhs * 5
+    # Standard CG reaches the reference's error at some budget on an SPD system.
+    assert ups["cg"]["reached"] == 1
