@@ -146,6 +146,14 @@ class RecordingOperator(hg.LinearOperator):
         return AX
 
 
+def gram(X: Tensor, Y: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``X @ Y.T`` accumulated in float64 over column chunks (no float64 copy of X or Y)."""
+    out = torch.zeros(X.shape[0], Y.shape[0], dtype=torch.float64, device=X.device)
+    for i in range(0, X.shape[1], chunk):
+        out += X[:, i : i + chunk].double() @ Y[:, i : i + chunk].double().T
+    return out
+
+
 class RecycledSpace:
     r"""An orthonormal basis ``W`` of recycled directions with ``AW`` and ``E = W^T A W``.
 
@@ -156,12 +164,12 @@ class RecycledSpace:
     """
 
     def __init__(self, U: Tensor, AU: Tensor, rcond: float = 1e-6) -> None:
-        gram = U.double() @ U.double().T
-        lam, vec = torch.linalg.eigh((gram + gram.T) / 2)
+        G = gram(U, U)
+        lam, vec = torch.linalg.eigh((G + G.T) / 2)
         keep = lam > rcond * lam.max()
         T = (vec[:, keep] / lam[keep].sqrt()).to(U.dtype)  # (m, r)
         self.W, self.AW = T.T @ U, T.T @ AU  # (r, n)
-        E = self.W.double() @ self.AW.double().T
+        E = gram(self.W, self.AW)
         e_val, e_vec = torch.linalg.eigh((E + E.T) / 2)
         good = e_val > rcond * e_val.abs().max()  # drop directions of non-positive curvature
         self.e_vec, self.e_val = e_vec[:, good].to(U.dtype), e_val[good].to(U.dtype)
