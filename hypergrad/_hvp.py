@@ -81,24 +81,29 @@ class VJPGraph:
         self.wrt = wrt
         self._batched_ok = True
 
-    def vjp(self, v: Mapping[str, Tensor], to: Tree | None = None) -> Tree:
-        r""":math:`\nabla_{to} \langle y, v\rangle` for one tree ``v`` shaped like the outputs."""
+    def vjp(self, v: Mapping[str, Tensor], to: Tree | None = None, *, retain_graph: bool = True) -> Tree:
+        r""":math:`\nabla_{to} \langle y, v\rangle` for one tree ``v`` shaped like the outputs.
+
+        ``retain_graph=False`` frees the graph's buffers during this backward (a last product).
+        """
         to = self.wrt if to is None else to
         keys, tkeys = list(self.outputs), list(to)
         out = _grads([self.outputs[k] for k in keys], [to[k] for k in tkeys], [v[k] for k in keys],
-                     retain_graph=True)
+                     retain_graph=retain_graph)
         return {k: o.detach() for k, o in zip(tkeys, out, strict=True)}
 
-    def vjp_batched(self, V: Mapping[str, Tensor], to: Tree | None = None) -> Tree:
+    def vjp_batched(self, V: Mapping[str, Tensor], to: Tree | None = None, *, last: bool = False) -> Tree:
         """Like :meth:`vjp` for k trees stacked on a leading dimension (one batched backward).
 
         One tree (k = 1) takes a plain backward; otherwise falls back to a loop over the k trees
-        if an operation lacks a batching rule.
+        if an operation lacks a batching rule. ``last=True`` lets a single-tree backward free
+        the graph (one-shot products).
         """
         to = self.wrt if to is None else to
         keys, tkeys = list(self.outputs), list(to)
         if next(iter(V.values())).shape[0] == 1:  # a plain backward is cheaper than vmap over one
-            return {k: x.unsqueeze(0) for k, x in self.vjp({k: t[0] for k, t in V.items()}, to).items()}
+            one = self.vjp({k: t[0] for k, t in V.items()}, to, retain_graph=not last)
+            return {k: x.unsqueeze(0) for k, x in one.items()}
         if self._batched_ok:
             try:
                 out = _grads([self.outputs[k] for k in keys], [to[k] for k in tkeys], [V[k] for k in keys],
@@ -193,7 +198,7 @@ def hvp_batched(f: Objective, params: Mapping[str, Tensor], V: Mapping[str, Tens
         if use_func(backend):
             return func_reverse_hvp_batched(f, params, V)
         p = primals(params)
-        return GradientGraph(f(p), p).vjp_batched(V)
+        return GradientGraph(f(p), p).vjp_batched(V, last=True)
     if method == "forward":
         return _forward_hvp_batched(f, params, V)
     if method == "finite_difference":

@@ -203,3 +203,15 @@ def test_report_renders_from_json(tmp_path: Path, monkeypatch):
     assert table["reference"][-1]["products"] == MODE.sizes.rhs * 5
     # Standard CG reaches the reference's error at some budget on an SPD system.
     assert ups["cg"]["reached"] == 1
+
+
+def test_append_merges_sections_and_contenders():
+    from benchmarks.alternation.__main__ import merge
+
+    old = {"seeds": [{"seed": 0, "truth": "t0", "contenders": {"a": 1, "b": 2}, "peers": "p0"}], "finished": "x"}
+    new = {"seeds": [{"seed": 0, "overhead": "o0", "contenders": {"b": 3}}, {"seed": 1, "truth": "t1"}],
+           "finished": "y"}
+    out = merge(old, new)
+    assert out["seeds"] == [{"seed": 0, "truth": "t0", "contenders": {"a": 1, "b": 3}, "peers": "p0",
+                             "overhead": "o0"}, {"seed": 1, "truth": "t1"}]
+    assert out["finished"] == "y"
