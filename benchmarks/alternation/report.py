@@ -41,11 +41,16 @@ def pooled(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Per contender and budget: seconds (median over seeds), errors pooled over RHS x seeds."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for seed in result["seeds"]:
-        for name, c in seed.get("contenders", {}).items():
+        cs = seed.get("contenders", {})
+        ref = max(cs["reference"]["points"], key=lambda p: p["iterations"])["seconds"] if "reference" in cs else None
+        for name, c in cs.items():
             for p in c["points"]:
                 slot = out.setdefault(name, {}).setdefault(p["iterations"], {
-                    "label": c["label"], "iterations": p["iterations"], "seconds": [], "errors": [], "products": []})
+                    "label": c["label"], "iterations": p["iterations"], "seconds": [], "errors": [], "products": [],
+                    "ratios": []})
                 slot["seconds"].append(p["seconds"])
+                if ref is not None and p["seconds"] > 0:
+                    slot["ratios"].append(ref / p["seconds"])
                 slot["errors"] += p["errors"]
                 slot["products"].append(p["products"])
     table: dict[str, list[dict[str, Any]]] = {}
@@ -57,7 +62,8 @@ def pooled(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             rows.append({"label": s["label"], "iterations": k, "seconds": statistics.median(s["seconds"]),
                          "products": statistics.median(s["products"]), "median_error": float(np.median(err)),
                          "q25": float(np.quantile(err, 0.25)), "q75": float(np.quantile(err, 0.75)),
-                         "n": len(err), "seeds": len(s["seconds"])})
+                         "n": len(err), "seeds": len(s["seconds"]),
+                         "ratio": statistics.median(s["ratios"]) if s["ratios"] else None})
         table[name] = rows
     return table
 
@@ -113,6 +119,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(t, m, marker=markers[i % len(markers)], label=rows[0]["label"], **style)
         ax.fill_between(t, [r["q25"] for r in rows], [r["q75"] for r in rows], alpha=0.15,
                         color=ax.lines[-1].get_color())
+    if "reference" in table:
+        ax.axhline(table["reference"][-1]["median_error"], color="black", linestyle="--", linewidth=0.8,
+                   label="the bar: reference's error after its 5 iterations")
     ax.set_yscale("log")
     ax.set_xlabel("seconds per alternation (all right-hand sides' solves)")
     ax.set_ylabel("relative error vs the truth (median, 25-75% band)")
@@ -160,15 +169,19 @@ def section(result: dict[str, Any], image: str) -> str:
 
     table = pooled(result)
     ups = speedups(result)
-    ref_time = table["reference"][-1]["seconds"] if "reference" in table else None
     rows = []
     for name, pts in table.items():
         for r in pts:
             rows.append([f"`{name}`", str(r["iterations"]), str(r["seeds"]), _fmt(r["products"]), _fmt(r["seconds"]),
-                         _fmt(ref_time / r["seconds"]) if ref_time and r["seconds"] > 0 else "–",
+                         _fmt(r["ratio"]),
                          _fmt(r["median_error"]), f"{_fmt(r['q25'])} – {_fmt(r['q75'])}"])
+    all_seeds = len(seeds)
+    partial = sorted(name for name, pts in table.items() if max(r["seeds"] for r in pts) < all_seeds)
+    note = (f" Contenders measured on fewer seeds (to fit the session's time): {', '.join(f'`{n}`' for n in partial)}."
+            if partial else "")
     lines += ["Every point: one alternation's solves (median time over the timed repetitions, median over "
-              "seeds); errors pooled over right-hand sides and seeds.", "",
+              "seeds); errors pooled over right-hand sides and seeds; the ratio is taken per seed against that "
+              f"seed's reference, then the median.{note}", "",
               _table(["contender", "iterations", "seeds", "products / alternation", "seconds / alternation",
                       "reference time / this", "median rel. error", "25–75 %"], rows), ""]
 
