@@ -213,6 +213,35 @@ def bissl_operator(problem: SimCLRProblem, *, reuse_graph: bool = True) -> hg.Da
 
 
 # ---------------------------------------------------------------------------------------------
+# The BiSSL reference code's solver, hand-written
+
+
+def layerwise_cg(product: Callable[[Mapping[str, Tensor]], dict[str, Tensor]], b: Mapping[str, Tensor], iterations: int,
+                 callback: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:
+    """The BiSSL reference code's CG: per tensor, alpha = r.r / d.Ad and beta = r'.r' / r.r; x0 = 0.
+
+    Plain PyTorch (no hypergrad): the hand-written reference of the benchmarks. ``callback(k, x)``
+    sees the iterate after every iteration.
+    """
+    x = {k: torch.zeros_like(t) for k, t in b.items()}
+    r = {k: t.clone() for k, t in b.items()}
+    d = {k: t.clone() for k, t in b.items()}
+    rr = {k: (t * t).sum() for k, t in r.items()}
+    for it in range(1, iterations + 1):
+        ad = product(d)
+        for k in b:
+            alpha = rr[k] / (d[k] * ad[k]).sum()
+            x[k] = x[k] + alpha * d[k]
+            r[k] = r[k] - alpha * ad[k]
+            rr_new = (r[k] * r[k]).sum()
+            d[k] = r[k] + (rr_new / rr[k]) * d[k]
+            rr[k] = rr_new
+        if callback is not None:
+            callback(it, x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # Flat-vector helpers for dense references
 
 

@@ -36,6 +36,7 @@ from _common import (
     SimCLRProblem,
     TinyResNet,
     bissl_operator,
+    layerwise_cg,
     markdown_table,
     median_times,
     quick_mode,
@@ -113,20 +114,7 @@ def layerwise_cg_handwritten(pb: SimCLRProblem, counter: Counter, b: dict[str, T
                              iterations: int) -> dict[str, Tensor]:
     """The BiSSL reference code's default: alpha and beta per tensor, A d computed jointly."""
     mv = flat_damped_hvp(pb, counter)
-    x = {k: torch.zeros_like(t) for k, t in b.items()}
-    r = {k: t.clone() for k, t in b.items()}
-    d = {k: t.clone() for k, t in b.items()}
-    rr = {k: (t * t).sum() for k, t in r.items()}
-    for _ in range(iterations):
-        ad = unravel(mv(ravel(d)), b)
-        for k in b:
-            alpha = rr[k] / (d[k] * ad[k]).sum()
-            x[k] = x[k] + alpha * d[k]
-            r[k] = r[k] - alpha * ad[k]
-            rr_new = (r[k] * r[k]).sum()
-            d[k] = r[k] + (rr_new / rr[k]) * d[k]
-            rr[k] = rr_new
-    return x
+    return layerwise_cg(lambda d: unravel(mv(ravel(d)), b), b, iterations)
 
 
 # ---------------------------------------------------------------------------------------------

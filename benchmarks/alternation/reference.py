@@ -12,7 +12,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from .._common import layerwise_cg
 from .workload import Params
+
+__all__ = ["CountingProduct", "layerwise_cg"]
 
 
 class CountingProduct:
@@ -34,24 +37,3 @@ class CountingProduct:
     def __call__(self, u: Mapping[str, Tensor]) -> Params:
         hu = self.hessian(u)
         return {k: u[k] + hu[k] / self.c for k in u}
-
-
-def layerwise_cg(product: Callable[[Mapping[str, Tensor]], Params], b: Mapping[str, Tensor], iterations: int,
-                 callback: Callable[[int, Params], None] | None = None) -> Params:
-    """The reference code's CG: per tensor, alpha = r.r / d.Ad and beta = r'.r' / r.r; x0 = 0."""
-    x = {k: torch.zeros_like(t) for k, t in b.items()}
-    r = {k: t.clone() for k, t in b.items()}
-    d = {k: t.clone() for k, t in b.items()}
-    rr = {k: (t * t).sum() for k, t in r.items()}
-    for it in range(1, iterations + 1):
-        ad = product(d)
-        for k in b:
-            alpha = rr[k] / (d[k] * ad[k]).sum()
-            x[k] = x[k] + alpha * d[k]
-            r[k] = r[k] - alpha * ad[k]
-            rr_new = (r[k] * r[k]).sum()
-            d[k] = r[k] + (rr_new / rr[k]) * d[k]
-            rr[k] = rr_new
-        if callback is not None:
-            callback(it, x)
-    return x
