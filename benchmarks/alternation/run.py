@@ -123,17 +123,16 @@ def contenders(w: Alternation, xs: list[dict[str, Tensor]], mode: Mode, clock: C
     for rnd in range(mode.rounds):
         for c, k in jobs if rnd % 2 == 0 else list(reversed(jobs)):
             rec, extra = run_contender(c, w, clock, k, mode.sizes.nystrom_rank)
-            curve = rec.curve()
-            if c.per_budget:
-                curve = curve[-1:]
+            full = rec.curve()
+            first = len(full) - 1 if c.per_budget else 0  # a per-budget run keeps only its last point
+            curve = full[first:]
             times.setdefault((c.name, k), []).append([p["seconds"] for p in curve])
             if rnd == mode.rounds - 1 or (c.name, k) not in points:
-                for p, its in zip(curve, range(len(curve)), strict=True):
-                    depth = len(rec.curve()) - len(curve) + its
+                for depth, p in enumerate(curve, start=first):
                     p["errors"] = [rel_err(rec.iterates[i][depth], xs[i]) for i in range(len(xs))]
                 points[(c.name, k)] = curve
                 extras[c.name] = extra
-            del rec
+            del rec  # its iterates: one tree per iteration and right-hand side
         log(f"  round {rnd + 1}/{mode.rounds} done")
     out: dict[str, Any] = {}
     for c in chosen:
