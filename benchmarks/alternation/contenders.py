@@ -21,6 +21,7 @@ from torch import Tensor
 
 import hypergrad as hg
 
+from .._common import ravel, unravel
 from .reference import CountingProduct, layerwise_cg
 from .workload import Alternation, Params, pretext_loss
 
@@ -200,15 +201,6 @@ class RecycledSpace:
         return apply
 
 
-def flatten(tree: Mapping[str, Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tree.values()])
-
-
-def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    parts = torch.split(vec, [t.numel() for t in like.values()])
-    return {k: p.reshape(t.shape) for (k, t), p in zip(like.items(), parts, strict=True)}
-
-
 # ---------------------------------------------------------------------------------------------
 # The contenders
 
@@ -334,7 +326,7 @@ def _recycling(w: Alternation, clock: Clock, iterations: int, deflate: bool, cap
     stats, sizes = [], []
     for v in w.rhs:
         rec.rhs_begin()
-        b = flatten(v)
+        b = ravel(v)
         solver = hg.CG(maxiter=iterations, tol=0.0, on_breakdown="continue")
         if A.inputs:
             space = RecycledSpace(torch.stack(A.inputs), torch.stack(A.outputs))
@@ -346,8 +338,8 @@ def _recycling(w: Alternation, clock: Clock, iterations: int, deflate: bool, cap
         else:
             x0, ax0 = torch.zeros_like(b), torch.zeros_like(b)
             sizes.append(0)
-        shift = unflatten(x0, v)
-        sol = solver.solve(A, unflatten(b - ax0, v),
+        shift = unravel(x0, v)
+        sol = solver.solve(A, unravel(b - ax0, v),
                            callback=lambda k, e, shift=shift: rec.iterate(k, e, shift))
         stats.append(sol.stats)
     return rec, {**_stats(stats), "recycled_directions": sizes}

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .._common import markdown_table
+
 TARGET_SPEEDUP = 3.0
 TARGET_OVERHEAD = 0.05
 # "Equal error" tolerates 1 % (float32 rounding: the same method on a reused graph differs from
@@ -32,8 +34,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return markdown_table([dict(zip(header, r, strict=True)) for r in rows], header)
 
 
 # ---------------------------------------------------------------------------------------------

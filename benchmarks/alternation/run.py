@@ -14,8 +14,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -23,10 +23,10 @@ from torch import Tensor
 
 import hypergrad as hg
 
-from .._common import machine_summary, median_times
-from .contenders import CONTENDERS, Clock, Contender, CountingOperator, Recorder, flatten, unflatten
+from .._common import machine_summary, median_times, rel_err
+from .contenders import CONTENDERS, Clock, Contender, CountingOperator, Recorder
 from .reference import CountingProduct, layerwise_cg
-from .workload import Alternation, Sizes, alternation, pretrained_models, sizes_dict
+from .workload import Alternation, Sizes, alternation, pretrained_models
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def rel_err(x: Mapping[str, Tensor], ref: Mapping[str, Tensor]) -> float:
-    a, b = flatten(x).double(), flatten(ref).double()
-    return float((a - b).norm() / b.norm())
-
-
 # ---------------------------------------------------------------------------------------------
 # Truth
 
@@ -88,7 +83,7 @@ def truth(w: Alternation, tol: float, min_iterations: int = 20) -> tuple[list[di
             if s2.stats.min_curvature is not None:
                 curvature = torch.minimum(curvature, s2.stats.min_curvature) if curvature is not None else s2.stats.min_curvature
         ax = check(x)
-        resid = flatten({k: v[k] - ax[k] for k in v}).double().norm() / flatten(v).double().norm()
+        resid = rel_err(ax, v)  # ||v - A x|| / ||v||
         xs.append(x)
         info.append({"iterations": iterations, "relative_residual": float(resid),
                      "min_curvature": float(curvature) if curvature is not None else None,
@@ -296,7 +291,7 @@ def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = No
     log(f"backbone ready ({'cached' if train_info.get('cached') else 'trained'}): {train_info}")
     result: dict[str, Any] = {
         "mode": name, "device": str(device), "machine": machine_summary(), "versions": versions(),
-        "argv": sys.argv, "sizes": sizes_dict(mode.sizes), "iterations": mode.iterations,
+        "argv": sys.argv, "sizes": asdict(mode.sizes), "iterations": mode.iterations,
         "budgets": list(mode.budgets), "rounds": mode.rounds, "training": train_info,
         "gpu_measured": device.type == "cuda", "seeds": [],
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -331,13 +326,3 @@ def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = No
         result["seeds"].append(entry)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return result
-
-
-def dense_damped(w: Alternation) -> Tensor:
-    """The dense ``I + H/c`` by hand-written double backward, column by column (tiny nets only)."""
-    product = CountingProduct(w.f, w.params, w.c)
-    n = w.num_params
-    eye = torch.eye(n, dtype=next(iter(w.params.values())).dtype)
-    cols = [flatten(product(unflatten(eye[j], w.params))) for j in range(n)]
-    A = torch.stack(cols, dim=1)
-    return (A + A.T) / 2

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -272,7 +272,3 @@ def _linear_probe(backbone: nn.Module, feat: int, images: Tensor, labels: Tensor
         opt.step()
     head.requires_grad_(False)
     return head
-
-
-def sizes_dict(sizes: Sizes) -> dict[str, object]:
-    return asdict(sizes)

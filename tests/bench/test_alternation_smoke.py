@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import hypergrad as hg
-from benchmarks.alternation.contenders import CONTENDERS, Clock, flatten, unflatten
+from benchmarks._common import ravel as flatten
+from benchmarks._common import unravel as unflatten
+from benchmarks.alternation.contenders import CONTENDERS, Clock
 from benchmarks.alternation.reference import CountingProduct, layerwise_cg
 from benchmarks.alternation.report import pooled, speedups, write_report
 from benchmarks.alternation.run import MODES, contenders, peers, run_mode, truth
