@@ -35,6 +35,20 @@ class Result(enum.Enum):
         "on_breakdown='stop' the iterate was frozen there. Add damping, use CG instead of "
         "LayerwiseCG, or use MINRES for symmetric indefinite systems"
     )
+    SINGULAR = (
+        "singular: the operator is singular (or numerically singular at this precision) along the "
+        "Krylov space and the system is not solved there: a zero pivot or an invariant Krylov "
+        "subspace ended the solve, or the recurrence's residual was not confirmed by the true "
+        "residual ||b - A x||; x is the iterate before the singular direction (MINRES: the "
+        "minimum-norm least-squares solution when it could confirm one). Add damping (H + delta*I), "
+        "use MINRES for the minimum-norm (least-squares) solution, or check that every inner tensor "
+        "enters the lower loss"
+    )
+    DIVERGED = (
+        "diverged: the residual grew (||b - A x|| > ||b - A x0||), so the series/iteration does not "
+        "contract; raising maxiter will not help. Lower Neumann's alpha below 2 / lambda_max(A), add "
+        "damping, or use CG (symmetric positive definite) / GMRES"
+    )
     NONFINITE = (
         "non-finite values (NaN/inf) in the right-hand side or an operator product; check the "
         "losses and inputs, or lower the learning rate that produced them"
@@ -51,7 +65,7 @@ class Result(enum.Enum):
 
 @dataclass(frozen=True)
 class SolveStats:
-    """Diagnostics of one (possibly batched) solve.
+    r"""Diagnostics of one (possibly batched) solve.
 
     Per-right-hand-side tensors have shape ``()`` for a single right-hand side and ``(k,)`` for
     a batched solve.
@@ -67,6 +81,17 @@ class SolveStats:
         breakdown: whether non-positive curvature (or a zero denominator) was met.
         nonfinite: whether NaN/inf appeared in the right-hand side or a product.
         min_curvature: smallest Rayleigh quotient ``d.Ad / d.d`` seen (Krylov solvers), else None.
+        singular: whether the solve met a (numerically) singular direction: a zero pivot, an
+            invariant Krylov subspace that does not contain the solution, or a recurrence the
+            true residual did not confirm. ``None`` for solvers that cannot tell.
+        diverged: whether the residual grew above its initial value (Neumann). ``None`` where
+            not measured.
+        checked: whether ``residual_norm`` was computed at all (False for ``Identity`` without
+            ``compute_residual``).
+        residual_source: ``"true"`` when ``residual_norm`` is :math:`\|b - Ax\|` recomputed
+            with one product after the loop (every solve with a tolerance does this),
+            ``"recurrence"`` when it is the solver's recurrence (fixed-iteration solves: equal
+            to the truth up to rounding unless ``singular``), ``"none"`` when unchecked.
     """
 
     solver: str
@@ -79,7 +104,10 @@ class SolveStats:
     breakdown: Tensor
     nonfinite: Tensor
     min_curvature: Tensor | None = None
+    singular: Tensor | None = None
+    diverged: Tensor | None = None
     checked: bool = True
+    residual_source: str = "recurrence"
 
     @property
     def converged(self) -> Tensor:
@@ -101,7 +129,12 @@ class SolveStats:
             return Result.NONFINITE
         if bool(self.breakdown.any()):
             return Result.BREAKDOWN
-        if bool(self.converged.all()):
+        converged = self.converged
+        if self.singular is not None and bool((self.singular & ~converged).any()):
+            return Result.SINGULAR
+        if self.diverged is not None and bool((self.diverged & ~converged).any()):
+            return Result.DIVERGED
+        if bool(converged.all()):
             return Result.CONVERGED
         return Result.MAX_ITERATIONS
 
@@ -115,12 +148,13 @@ class SolveStats:
             "residual_norm": self.residual_norm.tolist(),
             "relative_residual": self.relative_residual.tolist(),
             "min_curvature": None if self.min_curvature is None else self.min_curvature.tolist(),
+            "residual_source": self.residual_source,
         }
 
 
 _STATS_TENSORS = ("residual_norm", "rhs_norm", "residual_history", "threshold", "breakdown", "nonfinite",
-                  "min_curvature")
-_STATS_STATIC = ("solver", "iterations", "num_hvp", "checked")
+                  "min_curvature", "singular", "diverged")
+_STATS_STATIC = ("solver", "iterations", "num_hvp", "checked", "residual_source")
 
 
 def _flatten_stats(stats: SolveStats) -> tuple[list[Any], tuple[Any, ...]]:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._errors import NonFiniteError, OperatorTagError, SolverBreakdownError, TransformError
 from .._func import vmap_active
 from .._operator import LinearOperator
-from .._solution import Solution, SolveStats
+from .._solution import Result, Solution, SolveStats
 from .._tree import Tree, check_compatible, tree_batch_norm
 
 BreakdownPolicy = Literal["stop", "continue", "raise"]
@@ -25,21 +25,41 @@ def _batch_size(B: Mapping[str, Tensor]) -> int:
     return next(iter(B.values())).shape[0]
 
 
+PIVOT_RTOL = 10.0
+"""A pivot (Rayleigh quotient, Lanczos or Hessenberg entry) at most ``PIVOT_RTOL * eps * scale``
+is numerically zero: ``scale`` is the largest such quantity seen, ``eps`` the leaves' precision."""
+
+DRIFT_FACTOR = 10.0
+"""A recurrence that claims convergence while the true residual is above the tolerance and more
+than ``DRIFT_FACTOR`` times the recurrence is not a solution (reported as ``SINGULAR``)."""
+
+
+def leaf_eps(B: Mapping[str, Tensor]) -> float:
+    """Machine epsilon of the leaves' dtype (the precision the products are computed in)."""
+    return float(torch.finfo(next(iter(B.values())).dtype).eps)
+
+
 class Monitor:
-    """Bookkeeping of one batched solve: residual history, HVP count, breakdown and NaN flags."""
+    """Bookkeeping of one batched solve: residual history, HVP count, breakdown, singularity and NaN flags."""
 
     def __init__(self, solver: Solver, B: Tree, R0: Tree, num_hvp: int = 0,
                  callback: Callback | None = None) -> None:
         self.solver = solver
         self.callback = callback
         self.rhs_norm = tree_batch_norm(B)
-        self.threshold = torch.clamp_min(solver.tol * self.rhs_norm, solver.atol)
+        self.stop_threshold = torch.clamp_min(solver.tol * self.rhs_norm, solver.atol)
+        self.threshold = torch.clamp_min(solver.reporting_tol * self.rhs_norm, solver.atol)
         self.history = [tree_batch_norm(R0)]
         self.nonfinite = ~torch.isfinite(self.rhs_norm) | ~torch.isfinite(self.history[0])
         self.breakdown = torch.zeros_like(self.nonfinite)
+        self.singular = torch.zeros_like(self.nonfinite)
+        self.diverged = torch.zeros_like(self.nonfinite)  # set by solvers that can diverge (Neumann)
         self.min_curvature: Tensor | None = None
+        self.max_curvature: Tensor | None = None
+        self.true_residual: Tensor | None = None
         self.num_hvp = num_hvp
         self.iterations = 0
+        self.eps = leaf_eps(B)
 
     def product(self, operator: LinearOperator, X: Tree) -> Tree:
         """Apply the operator to k stacked trees and count k products."""
@@ -51,10 +71,22 @@ class Monitor:
         quotient = torch.where(dd > 0, dAd / dd.clamp_min(torch.finfo(dd.dtype).tiny),
                                torch.full_like(dAd, float("inf")))
         self.min_curvature = quotient if self.min_curvature is None else torch.minimum(self.min_curvature, quotient)
+        seen = torch.where(torch.isfinite(quotient), quotient.abs(), torch.zeros_like(quotient))
+        self.max_curvature = seen if self.max_curvature is None else torch.maximum(self.max_curvature, seen)
         self.nonfinite = self.nonfinite | ~torch.isfinite(dAd)
         bad = (dAd <= 0) & (dd > 0)
         self.breakdown = self.breakdown | bad
         return bad
+
+    def zero_pivot(self, quotient: Tensor, residual_norm: Tensor) -> Tensor:
+        """Mask of numerically zero positive curvature ``0 < q <= PIVOT_RTOL * eps * max q`` met
+        while the residual is still above rounding level: a singular direction. Records it."""
+        scale = quotient.abs() if self.max_curvature is None else self.max_curvature
+        tiny = PIVOT_RTOL * self.eps
+        unsolved = residual_norm > 10 * tiny * self.rhs_norm
+        mask = (quotient > 0) & (quotient <= tiny * scale) & unsolved
+        self.singular = self.singular | mask
+        return mask
 
     def step(self, residual_norm: Tensor, X: Tree | None = None) -> bool:
         """Record an iteration (and show the iterate ``X`` to the callback); return True when done.
@@ -68,24 +100,54 @@ class Monitor:
         self.nonfinite = self.nonfinite | ~torch.isfinite(residual_norm)
         if not self.solver.checks_enabled or self.iterations % self.solver.check_every_or_one != 0:
             return False
-        finished = (residual_norm <= self.threshold) | self.nonfinite
+        finished = (residual_norm <= self.stop_threshold) | self.nonfinite
         if self.solver.on_breakdown != "continue":
-            finished = finished | self.breakdown
+            finished = finished | self.breakdown | self.singular
         return bool(finished.all())
 
+    def verify(self, operator: LinearOperator, B: Tree, X: Tree) -> Tree:
+        """Spend one product per right-hand side on the true residual ``B - A X``; record its norm.
+
+        A recurrence that claimed convergence but is off the truth by more than
+        :data:`DRIFT_FACTOR` (and the truth misses the tolerance) marks the solve singular.
+        Returns the true residual tree.
+        """
+        AX = self.product(operator, X)
+        R = {k: B[k] - AX[k] for k in B}
+        true_norm = tree_batch_norm(R)
+        recurrence = self.history[-1]
+        claimed = recurrence <= self.stop_threshold
+        drifted = claimed & (true_norm > self.threshold) & (true_norm > DRIFT_FACTOR * recurrence)
+        self.singular = self.singular | drifted
+        self.nonfinite = self.nonfinite | ~torch.isfinite(true_norm)
+        self.true_residual = true_norm
+        return R
+
+    def finish(self, operator: LinearOperator, B: Tree, X: Tree) -> None:
+        """Confirm a solve with a tolerance by its true residual (one product per right-hand side).
+
+        Fixed-iteration solves (``tol = atol = 0`` or ``check_every=None``) spend nothing here.
+        """
+        if self.true_residual is None and self.solver.checks_enabled and self.iterations > 0:
+            self.verify(operator, B, X)
+
     def stats(self, *, checked: bool = True) -> SolveStats:
+        source = "none" if not checked else ("true" if self.true_residual is not None else "recurrence")
         return SolveStats(
             solver=type(self.solver).__name__,
             iterations=self.iterations,
             num_hvp=self.num_hvp,
-            residual_norm=self.history[-1],
+            residual_norm=self.history[-1] if self.true_residual is None else self.true_residual,
             rhs_norm=self.rhs_norm,
             residual_history=torch.stack(self.history),
             threshold=self.threshold,
             breakdown=self.breakdown,
             nonfinite=self.nonfinite,
             min_curvature=self.min_curvature,
+            singular=self.singular,
+            diverged=self.diverged,
             checked=checked,
+            residual_source=source,
         )
 
 
@@ -105,6 +167,17 @@ class Solver(abc.ABC):
             ``"raise"`` stops and raises :class:`SolverBreakdownError` after the solve.
         on_nonfinite: ``"report"`` flags NaN/inf in the stats; ``"raise"`` raises
             :class:`NonFiniteError` after the solve. Values are never zeroed.
+        report_tol: relative tolerance used only to *report* the result after the solve
+            (``Result.CONVERGED`` when :math:`\|b - Ax\| \le \max(report\_tol\,\|b\|, atol)`),
+            without any check inside the loop: a fixed-iteration solve (``tol=0``) can say
+            afterwards whether it met it. ``None`` reports against ``tol``.
+
+    Honesty: a solve with a tolerance (:attr:`checks_enabled`) confirms its outcome with the
+    true residual :math:`\|b - Ax\|` (one more product per right-hand side, counted in
+    ``num_hvp``), which ``stats.residual_norm`` then holds (``residual_source == "true"``); a
+    zero pivot, an invariant Krylov subspace that does not contain the solution or a recurrence
+    off the truth by more than :data:`DRIFT_FACTOR` is reported as ``Result.SINGULAR``.
+    Fixed-iteration solves spend no extra product and report the recurrence.
     """
 
     maxiter: int = 100
@@ -113,6 +186,7 @@ class Solver(abc.ABC):
     check_every: int | None = 1
     on_breakdown: BreakdownPolicy = "stop"
     on_nonfinite: NonfinitePolicy = "report"
+    report_tol: float | None = None
 
     requires_symmetric: ClassVar[bool] = False
     supports_callback: ClassVar[bool] = True
@@ -131,6 +205,14 @@ class Solver(abc.ABC):
             raise ValueError(f"{name}: on_breakdown must be 'stop', 'continue' or 'raise', got {self.on_breakdown!r}")
         if self.on_nonfinite not in ("report", "raise"):
             raise ValueError(f"{name}: on_nonfinite must be 'report' or 'raise', got {self.on_nonfinite!r}")
+        if self.report_tol is not None and (isinstance(self.report_tol, bool) or not isinstance(self.report_tol, (int, float))
+                                            or not self.report_tol >= 0):
+            raise ValueError(f"{name}: report_tol must be None or a number >= 0, got {self.report_tol!r}")
+
+    @property
+    def reporting_tol(self) -> float:
+        """The relative tolerance a finished solve is judged against (``report_tol`` or ``tol``)."""
+        return float(self.tol if self.report_tol is None else self.report_tol)
 
     @property
     def checks_enabled(self) -> bool:
@@ -223,6 +305,9 @@ class Solver(abc.ABC):
                 f"after {stats.iterations} iterations; the operator is not positive definite. "
                 f"Add damping or use hypergrad.MINRES"
             )
+        if self.on_breakdown == "raise" and stats.result is Result.SINGULAR:
+            raise SolverBreakdownError(f"{type(self).__name__} after {stats.iterations} iterations: "
+                                       f"{Result.SINGULAR.message}")
         if not batched:
             X = {k: v[0] for k, v in X.items()}
             stats = _unbatch_stats(stats)
@@ -246,7 +331,10 @@ def _unbatch_stats(stats: SolveStats) -> SolveStats:
         breakdown=stats.breakdown[0],
         nonfinite=stats.nonfinite[0],
         min_curvature=None if stats.min_curvature is None else stats.min_curvature[0],
+        singular=None if stats.singular is None else stats.singular[0],
+        diverged=None if stats.diverged is None else stats.diverged[0],
         checked=stats.checked,
+        residual_source=stats.residual_source,
     )
 
 

@@ -30,7 +30,11 @@ class CG(Solver):
     CG assumes ``A`` symmetric positive definite. Hessians of non-convex losses are indefinite,
     so the sign of :math:`d^\top A d` is checked on every iteration (on the device): the smallest
     Rayleigh quotient is reported as ``stats.min_curvature`` and non-positive curvature as
-    ``stats.breakdown`` (see ``on_breakdown``). Scalars accumulate in at least float32.
+    ``stats.breakdown`` (see ``on_breakdown``). A numerically zero curvature
+    :math:`0 < d^\top A d / d^\top d \le 10\,\epsilon \max` (a null direction of a singular
+    ``A``) is handled like a breakdown and reported as ``stats.singular`` (``Result.SINGULAR``):
+    on an inconsistent singular system CG has no solution to find; use :class:`MINRES` for the
+    minimum-norm least-squares one. Scalars accumulate in at least float32.
 
     Args:
         preconditioner: optional symmetric positive definite map ``r -> M^{-1} r`` on batched
@@ -59,7 +63,11 @@ class CG(Solver):
         for _ in range(self.maxiter):
             AD = monitor.product(operator, D)
             dAd = tree_batch_dot(D, AD)
-            bad = monitor.curvature(dAd, tree_batch_dot(D, D))
+            dd = tree_batch_dot(D, D)
+            bad = monitor.curvature(dAd, dd)
+            # A numerically zero pivot d.Ad ~ 0 (a null direction of a singular A) would give a
+            # huge step: treat it as a breakdown of its own kind (reported as SINGULAR).
+            bad = bad | monitor.zero_pivot(safe_divide(dAd, dd, dd > 0), monitor.history[-1])
             if self.freezes_on_breakdown:
                 active = active & ~bad
                 alpha = safe_divide(rz, dAd, active & ~(dAd <= 0))  # NaN passes through
@@ -80,4 +88,5 @@ class CG(Solver):
                 rz = rz_new
             if monitor.step(tree_batch_norm(R), X):
                 break
+        monitor.finish(operator, B, X)
         return X, monitor.stats()

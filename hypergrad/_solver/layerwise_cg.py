@@ -95,8 +95,5 @@ class LayerwiseCG(Solver):
         if not self.true_residual:
             return X, monitor.stats(checked=False)
         if monitor.iterations > 0:
-            AX = monitor.product(operator, X)
-            true_norm = tree_batch_norm({k: B[k] - AX[k] for k in B})
-            monitor.history[-1] = true_norm
-            monitor.nonfinite = monitor.nonfinite | ~torch.isfinite(true_norm)
+            monitor.verify(operator, B, X)
         return X, monitor.stats()

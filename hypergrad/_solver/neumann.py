@@ -23,8 +23,9 @@ class Neumann(Solver):
 
     Converges when every eigenvalue of :math:`I - \alpha A` lies in (-1, 1), i.e. for
     :math:`0 < \alpha < 2/\lambda_{max}(A)` with ``A`` positive definite. No symmetry is needed,
-    so it also serves fixed-point (non-symmetric) systems. A diverging series shows as a growing
-    ``residual_history``.
+    so it also serves fixed-point (non-symmetric) systems. A series whose final residual is above
+    the initial one is reported as ``stats.diverged`` / ``Result.DIVERGED`` (more terms will not
+    help; lower ``alpha``). The residual is exact here, so no confirming product is spent.
 
     Args:
         alpha: step size (a learning rate of the inner problem, typically).
@@ -44,6 +45,8 @@ class Neumann(Solver):
         for _ in range(self.maxiter):
             X = tree_axpy(self.alpha, R, X)
             R = tree_axpy(-self.alpha, monitor.product(operator, R), R)
-            if monitor.step(tree_batch_norm(R), X):
+            residual = tree_batch_norm(R)
+            monitor.diverged = residual > monitor.history[0]
+            if monitor.step(residual, X):
                 break
         return X, monitor.stats()

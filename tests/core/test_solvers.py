@@ -66,8 +66,8 @@ def test_solver_matches_linalg_solve_matrix_operator(spd_system, name):
     assert float((x - x_true).norm() / x_true.norm()) < 1e-9
     _check_report(sol.stats, A, b, x)
     assert sol.stats.solver == name
-    if name != "LayerwiseCG":
-        assert sol.stats.num_hvp == sol.stats.iterations
+    if name != "LayerwiseCG":  # + one confirming true residual for a Krylov solve with a tolerance
+        assert sol.stats.num_hvp == sol.stats.iterations + _confirm(name)
     value, result, stats = sol
     assert result is hg.Result.CONVERGED and value is sol.value and stats is sol.stats
 
@@ -84,7 +84,7 @@ def test_solver_batched_right_hand_sides(spd_system, name):
     assert sol.stats.residual_norm.shape == (3,)
     assert sol.stats.residual_history.shape == (sol.stats.iterations + 1, 3)
     if name != "LayerwiseCG":
-        assert sol.stats.num_hvp == 3 * sol.stats.iterations
+        assert sol.stats.num_hvp == 3 * (sol.stats.iterations + _confirm(name))
     _check_report(sol.stats, A, B, X, batched=True)
 
 
@@ -116,7 +116,7 @@ def test_solver_on_multi_leaf_tree_batched_with_x0(name):
     assert float((X - X_true).norm() / X_true.norm()) < 1e-9
     # The history starts at the residual of x0, not at ||b||.
     assert torch.allclose(sol.stats.residual_history[0], (B_flat - flatten(x0) @ A.T).norm(dim=1))
-    assert sol.stats.num_hvp == 2 * (sol.stats.iterations + 1)
+    assert sol.stats.num_hvp == 2 * (sol.stats.iterations + 1 + _confirm(name))
 
 
 def test_max_iterations_is_reported():
@@ -225,6 +225,11 @@ def test_batched_cg_breakdown_is_per_right_hand_side(indefinite_system):
     assert float((sol.value["x"][1] - x_pos).norm() / x_pos.norm()) < 1e-6
 
 
+def _confirm(name: str) -> int:
+    """Products a solve with a tolerance spends on its confirming true residual."""
+    return 0 if name == "Neumann" else 1
+
+
 # --- Neumann ------------------------------------------------------------------------------
 
 def test_neumann_converges_below_two_over_lambda_max_and_diverges_above():
@@ -237,7 +242,8 @@ def test_neumann_converges_below_two_over_lambda_max_and_diverges_above():
     assert float((good.value["x"] - x_true).norm() / x_true.norm()) < 1e-10
     bad = hg.Neumann(alpha=2.2 / 10.0, maxiter=200, tol=1e-12).solve(hg.MatrixOperator(A), {"x": b})
     hist = bad.stats.residual_history
-    assert bad.result is hg.Result.MAX_ITERATIONS
+    assert bad.result is hg.Result.DIVERGED and bool(bad.stats.diverged)
+    assert not bool(good.stats.diverged)
     assert float(hist[-1]) > 1e3 * float(hist[0])
     assert float(hist[-1]) > float(hist[-50])
 
@@ -285,9 +291,12 @@ def test_low_precision_scalars_are_float32(dtype, name):
     A, _ = sym_with_spectrum(ev, g)
     b = torch.randn(16, generator=g, dtype=F64)
     A_lp, b_lp = A.to(dtype), b.to(dtype)
-    solver = {"CG": hg.CG(maxiter=30, tol=1e-2), "MINRES": hg.MINRES(maxiter=30, tol=1e-2),
-              "LayerwiseCG": hg.LayerwiseCG(maxiter=30, tol=1e-2),
-              "Neumann": hg.Neumann(alpha=0.4, maxiter=60, tol=1e-2)}[name]
+    # The confirming true residual b - Ax is itself computed in the low precision: bfloat16's
+    # rounding (eps 7.8e-3) puts it near 1e-2, so the tolerance is 3e-2 there.
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
+    solver = {"CG": hg.CG(maxiter=30, tol=tol), "MINRES": hg.MINRES(maxiter=30, tol=tol),
+              "LayerwiseCG": hg.LayerwiseCG(maxiter=30, tol=tol),
+              "Neumann": hg.Neumann(alpha=0.4, maxiter=60, tol=tol)}[name]
     sol = solver.solve(hg.MatrixOperator(A_lp), {"x": b_lp})
     assert sol.value["x"].dtype == dtype
     for t in (sol.stats.residual_norm, sol.stats.rhs_norm, sol.stats.residual_history, sol.stats.threshold):
