@@ -30,6 +30,23 @@ class IndefiniteSketchError(HypergradError, ValueError):
     """A Nystrom sketch of an operator that is not positive semi-definite."""
 
 
+class SolveFailureError(HypergradError, ArithmeticError):
+    """A hypergradient's linear solve failed (``on_failure="raise"``); ``.result`` says how."""
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class SolveFailureWarning(UserWarning):
+    """A hypergradient's linear solve missed its tolerance, broke down, was singular, drifted,
+    diverged or went non-finite (``on_failure="warn"``, the default)."""
+
+
+class NystromRankWarning(UserWarning):
+    """A Nystrom sketch kept no eigenvalue above rounding level: the preconditioner is the identity."""
+
+
 class NotStationaryWarning(UserWarning):
     """The given inner point is far from stationary, so the implicit function theorem is inexact."""
 

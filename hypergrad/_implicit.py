@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._errors import NotStationaryWarning, TransformError, TreeMismatchError
+from ._failure import FailurePolicy, check_failure_policy, check_solve
 from ._func import Backend, compiling, transform_active, use_func, vjp, vmap_active
 from ._hvp import GradientGraph, HVPMethod, VJPGraph, _check_scalar, _grads, gradient, primals
 from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator
@@ -160,6 +161,7 @@ def implicit_grad(
     group: object = None,
     stationarity_tol: float | None = 1e-3,
     backend: Backend = "auto",
+    on_failure: FailurePolicy = "warn",
 ) -> tuple[Tree, ImplicitStats]:
     r"""Total derivative of ``upper_loss(inner*(outer), outer)`` w.r.t. ``outer`` by the IFT.
 
@@ -192,6 +194,13 @@ def implicit_grad(
             then be pure functions of their arguments), or ``"auto"`` (``"func"`` exactly when a
             functorch transform is active or dynamo is tracing). Under ``vmap`` the solver must
             run a fixed number of iterations (``tol=0``), else :class:`hypergrad.TransformError`.
+        on_failure: what to do when the solve fails — a solve with a tolerance (or a
+            ``report_tol``) that misses it, or any solve that breaks down, is singular, drifts
+            off its true residual, diverges or goes non-finite: ``"warn"``
+            (:class:`hypergrad.SolveFailureWarning`, naming the result and the fix),
+            ``"raise"`` (:class:`hypergrad.SolveFailureError`) or ``"ignore"``. A
+            fixed-iteration solve that simply ran its k iterations is not a failure. Skipped
+            under ``vmap``/``compile`` (``stats.result`` still tells).
 
     Returns:
         ``(grads, stats)``: ``grads`` shaped like ``outer``; :class:`ImplicitStats`. Both are
@@ -206,6 +215,7 @@ def implicit_grad(
         ...                                   outer, solver=CG(maxiter=20, tol=0.0))[0])(W, Xs, ys)
     """
     solver = CG() if solver is None else solver
+    check_failure_policy(on_failure)
     _check_tree(inner, "inner")
     _check_tree(outer, "outer")
     if x0 is not None:
@@ -220,7 +230,7 @@ def implicit_grad(
                              "torch.func transforms); pass backend='autograd' outside any transform")
         return _implicit_grad_func(lower_loss, upper_loss, inner, outer, solver, hvp_method=hvp_method,
                                    damping=damping, cross_method=cross_method, fd_eps=fd_eps, x0=x0,
-                                   stationarity_tol=stationarity_tol)
+                                   stationarity_tol=stationarity_tol, on_failure=on_failure)
 
     def reduce(tree: Tree) -> Tree:
         return all_reduce_mean(tree, group) if distributed else tree
@@ -241,6 +251,7 @@ def implicit_grad(
         operator = DistributedOperator(operator, group)
 
     solution = solver.solve(operator, v, x0)
+    check_solve(solution.stats, solver, on_failure, "implicit_grad")
     u = solution.value
     if cross_method == "autograd":
         cross = graph.vjp(u, to=po)
@@ -253,7 +264,7 @@ def implicit_grad(
 def _implicit_grad_func(lower_loss: Loss2, upper_loss: Loss2, inner: Mapping[str, Tensor],
                         outer: Mapping[str, Tensor], solver: Solver, *, hvp_method: HVPMethod, damping: float,
                         cross_method: str, fd_eps: float | None, x0: Tree | None,
-                        stationarity_tol: float | None) -> tuple[Tree, ImplicitStats]:
+                        stationarity_tol: float | None, on_failure: FailurePolicy) -> tuple[Tree, ImplicitStats]:
     r""":func:`implicit_grad` by ``torch.func`` alone (no ``requires_grad_``, no ``autograd.grad``).
 
     One ``vjp`` of :math:`(i, o) \mapsto \nabla_i L(i, o)` gives the stationarity residual, the
@@ -285,6 +296,7 @@ def _implicit_grad_func(lower_loss: Loss2, upper_loss: Loss2, inner: Mapping[str
     )
     operator = DampedOperator(hessian, damping, 1.0) if damping > 0 else hessian
     solution = solver.solve(operator, v, x0)
+    check_solve(solution.stats, solver, on_failure, "implicit_grad")
     u = solution.value
     if cross_method == "autograd":
         cross: Tree = pullback(dict(u))[1]
@@ -305,6 +317,7 @@ def fixed_point_grad(
     distributed: bool = False,
     group: object = None,
     stationarity_tol: float | None = 1e-3,
+    on_failure: FailurePolicy = "warn",
 ) -> tuple[Tree, ImplicitStats]:
     r"""Hypergradient for an inner solution defined as a fixed point :math:`i^* = T(i^*, o)`.
 
@@ -327,8 +340,10 @@ def fixed_point_grad(
         distributed: as in :func:`implicit_grad`.
         group: as in :func:`implicit_grad`.
         stationarity_tol: as in :func:`implicit_grad`, for :math:`\|T(i, o) - i\|`.
+        on_failure: as in :func:`implicit_grad` (a diverging Neumann series is a failure).
     """
     _autograd_only("fixed_point_grad")
+    check_failure_policy(on_failure)
     solver = Neumann(maxiter=50, alpha=1.0) if solver is None else solver
     _check_tree(inner, "inner")
     _check_tree(outer, "outer")
@@ -355,6 +370,7 @@ def fixed_point_grad(
     if distributed:
         operator = DistributedOperator(operator, group)
     solution = solver.solve(operator, v)
+    check_solve(solution.stats, solver, on_failure, "fixed_point_grad")
     cross = graph.vjp(solution.value, to=po)
     grads = reduce({k: direct[k].detach() + cross[k] for k in direct})
     return grads, ImplicitStats(solve=solution.stats, stationarity=stationarity, upper_loss=upper_value)

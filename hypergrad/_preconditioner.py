@@ -14,20 +14,21 @@ Hessian).
 **Indefinite operators.** The construction needs :math:`\Omega^\top A \Omega \succ 0`. When
 the sketch shows a non-positive eigenvalue, :meth:`NystromPreconditioner.build` raises
 :class:`IndefiniteSketchError` (sketch a damped operator instead, e.g. ``H + shift I``). When
-the sketch happens to be positive definite although ``A`` is not, the eigenvalues are clamped
-at 0 and ``P`` is still symmetric positive definite, so preconditioned CG stays well defined;
-its curvature checks then report the indefiniteness.
+the sketch happens to be positive definite although ``A`` is not, eigenvalues at rounding
+level are dropped and ``P`` is still symmetric positive definite, so preconditioned CG stays
+well defined; its curvature checks then report the indefiniteness.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._errors import IndefiniteSketchError
+from ._errors import IndefiniteSketchError, NystromRankWarning
 from ._operator import DampedOperator, LinearOperator
 from ._tree import Tree, accum_dtype
 
@@ -37,6 +38,14 @@ __all__ = ["NystromPreconditioner"]
 def _flatten_batched(X: Mapping[str, Tensor], keys: list[str]) -> Tensor:
     k = X[keys[0]].shape[0]
     return torch.cat([X[key].reshape(k, -1) for key in keys], dim=1)
+
+
+def _gram64(A: Tensor, B: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``A^T B`` accumulated in float64 over row chunks (no float64 copy of a tall ``A`` or ``B``)."""
+    out = A.new_zeros((A.shape[1], B.shape[1]), dtype=torch.float64)
+    for start in range(0, A.shape[0], chunk):
+        out += A[start:start + chunk].double().mT @ B[start:start + chunk].double()
+    return out
 
 
 def _unflatten_batched(M: Tensor, like: Mapping[str, Tensor], keys: list[str]) -> Tree:
@@ -50,9 +59,15 @@ def _unflatten_batched(M: Tensor, like: Mapping[str, Tensor], keys: list[str]) -
 class NystromPreconditioner:
     r"""The map :math:`r \mapsto P^{-1} r` on batched trees; pass it as ``CG(preconditioner=...)``.
 
+    The sketch's small ``r x r`` algebra (core, Cholesky factor, Gram matrices) runs in float64
+    and the ``n x r`` matrices in the operator's precision (at least float32). Eigenvalues at or
+    below the rounding level of the products (the stabilising shift
+    :math:`\nu = 10\,\epsilon \sqrt r\,\|Y\|_2`, which does not grow with n) are dropped;
+    :attr:`rank` says how many were kept, and keeping none warns (:class:`NystromRankWarning`).
+
     Attributes:
-        basis: ``U``, shape ``(n, r)`` (n = number of parameters).
-        eigenvalues: :math:`\hat\Lambda` (clamped at 0), shape ``(r,)``, descending.
+        basis: ``U``, shape ``(n, rank)`` (n = number of parameters).
+        eigenvalues: :math:`\hat\Lambda` above the rounding level, shape ``(rank,)``, descending.
         mu: the shift :math:`\mu`.
         num_hvp: products spent on the sketch.
     """
@@ -82,31 +97,51 @@ class NystromPreconditioner:
         if mu < 0:
             raise ValueError(f"mu must be >= 0, got {mu}")
         ref = like[keys[0]]
-        dtype = accum_dtype(ref.dtype)
-        omega = torch.randn(n, rank, generator=generator, dtype=dtype, device="cpu").to(ref.device)
+        work = accum_dtype(ref.dtype)  # the sketch's n x r matrices: float32 at least
+        omega = torch.randn(n, rank, generator=generator, dtype=work, device="cpu").to(ref.device)
         omega, _ = torch.linalg.qr(omega)  # (n, r), orthonormal columns
-        Y = _flatten_batched(operator.matmat(_unflatten_batched(omega.mT, like, keys)), keys).mT.to(dtype)
-        shift = torch.finfo(dtype).eps * n**0.5 * torch.linalg.matrix_norm(Y, ord=2)
-        Y = Y + shift * omega
-        core = omega.mT @ Y
+        Y = _flatten_batched(operator.matmat(_unflatten_batched(omega.mT, like, keys)), keys).mT.to(work)
+        # Rounding of the products perturbs Omega^T Y by about eps * ||Y||_F <= eps * sqrt(r) ||Y||_2
+        # whatever n is: a shift a few times that keeps the core positive definite, and sketched
+        # eigenvalues above it are measured, not rounding.
+        gram_y = _gram64(Y, Y)
+        y_norm = float(torch.linalg.eigvalsh(gram_y)[-1].clamp_min(0.0).sqrt())
+        shift = max(10.0 * torch.finfo(work).eps * rank**0.5 * y_norm, torch.finfo(work).tiny)  # > 0 for A = 0
+        core = _gram64(omega, Y)  # r x r in float64
         core = (core + core.mT) / 2
-        chol, info = torch.linalg.cholesky_ex(core)
+        chol, info = torch.linalg.cholesky_ex(core + shift * torch.eye(rank, dtype=core.dtype, device=core.device))
         if int(info) != 0:
-            smallest = float(torch.linalg.eigvalsh(core)[0] - shift)
+            smallest = float(torch.linalg.eigvalsh(core)[0])
             raise IndefiniteSketchError(
                 f"the Nystrom sketch Omega^T A Omega has eigenvalue {smallest:.3g} <= 0, so the operator "
                 f"is not positive semi-definite; sketch a damped operator (H + shift*I with shift > "
                 f"{-smallest:.3g}) or solve with MINRES without this preconditioner"
             )
-        B = torch.linalg.solve_triangular(chol, Y.mT, upper=False).mT  # Y C^{-T}, (n, r)
-        U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
-        eig = (sigma**2 - shift).clamp_min(0.0)
-        # Keep only the numerically positive part of the sketch: a zero lambda_r with mu = 0 would
-        # make the numerator lambda_r + mu vanish and P^{-1} singular.
-        keep = eig > eig[0] * n * torch.finfo(dtype).eps if eig[0] > 0 else torch.zeros_like(eig, dtype=torch.bool)
-        U, eig = U[:, keep], eig[keep]
-        return cls(basis=U, eigenvalues=eig, mu=float(mu), num_hvp=rank,
+        # B = (Y + shift Omega) C^{-T}, so that B B^T is the shifted Nystrom approximation.
+        inv_chol_t = torch.linalg.solve_triangular(chol, torch.eye(rank, dtype=chol.dtype, device=chol.device),
+                                                   upper=False).mT
+        B = (Y + shift * omega) @ inv_chol_t.to(work)
+        sigma2, V = torch.linalg.eigh(_gram64(B, B))  # ascending
+        sigma2, V = sigma2.flip(0), V.flip(1)
+        eig = sigma2 - shift
+        keep = eig > shift  # measured above the rounding level, independent of n
+        kept = int(keep.sum())
+        if kept == 0:
+            warnings.warn(
+                f"NystromPreconditioner: none of the {rank} sketched eigenvalues is above the rounding level "
+                f"{shift:.3g} (largest {float(eig[0]):.3g}), so the preconditioner is the identity and CG runs "
+                f"unpreconditioned after {rank} products; the operator's top eigenvalues are ~0 at this "
+                f"precision: check the operator, or drop the preconditioner",
+                NystromRankWarning, stacklevel=2)
+        scale = sigma2[keep].clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        U = B @ (V[:, keep] * scale).to(work)  # left singular vectors of B, (n, kept)
+        return cls(basis=U, eigenvalues=eig[keep].to(work), mu=float(mu), num_hvp=rank,
                    like={k: v.detach() for k, v in like.items()})
+
+    @property
+    def rank(self) -> int:
+        """Eigenpairs kept from the sketch (at most the sketch size ``num_hvp``)."""
+        return int(self.basis.shape[1])
 
     @classmethod
     def from_damped(cls, operator: DampedOperator, like: Mapping[str, Tensor], rank: int, *,

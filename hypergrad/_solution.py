@@ -37,12 +37,18 @@ class Result(enum.Enum):
     )
     SINGULAR = (
         "singular: the operator is singular (or numerically singular at this precision) along the "
-        "Krylov space and the system is not solved there: a zero pivot or an invariant Krylov "
-        "subspace ended the solve, or the recurrence's residual was not confirmed by the true "
-        "residual ||b - A x||; x is the iterate before the singular direction (MINRES: the "
+        "Krylov space and the system is not solved there: a zero pivot, an invariant Krylov "
+        "subspace or a least-squares optimum (A r ~ 0 with r != 0) ended the solve; x is the "
+        "iterate before the singular direction (MINRES: the "
         "minimum-norm least-squares solution when it could confirm one). Add damping (H + delta*I), "
         "use MINRES for the minimum-norm (least-squares) solution, or check that every inner tensor "
         "enters the lower loss"
+    )
+    INACCURATE = (
+        "inaccurate: the solver's recurrence met the tolerance but the true residual ||b - A x|| "
+        "does not: rounding limits the attainable accuracy at this "
+        "precision and conditioning. Loosen tol, solve in float64, or add damping or a "
+        "preconditioner"
     )
     DIVERGED = (
         "diverged: the residual grew (||b - A x|| > ||b - A x0||), so the series/iteration does not "
@@ -86,6 +92,8 @@ class SolveStats:
             true residual did not confirm. ``None`` for solvers that cannot tell.
         diverged: whether the residual grew above its initial value (Neumann). ``None`` where
             not measured.
+        inaccurate: whether the recurrence claimed convergence but the true residual misses
+            the tolerance (rounding drift). ``None`` where not measured.
         checked: whether ``residual_norm`` was computed at all (False for ``Identity`` without
             ``compute_residual``).
         residual_source: ``"true"`` when ``residual_norm`` is :math:`\|b - Ax\|` recomputed
@@ -106,6 +114,7 @@ class SolveStats:
     min_curvature: Tensor | None = None
     singular: Tensor | None = None
     diverged: Tensor | None = None
+    inaccurate: Tensor | None = None
     checked: bool = True
     residual_source: str = "recurrence"
 
@@ -134,6 +143,8 @@ class SolveStats:
             return Result.SINGULAR
         if self.diverged is not None and bool((self.diverged & ~converged).any()):
             return Result.DIVERGED
+        if self.inaccurate is not None and bool((self.inaccurate & ~converged).any()):
+            return Result.INACCURATE
         if bool(converged.all()):
             return Result.CONVERGED
         return Result.MAX_ITERATIONS
@@ -153,7 +164,7 @@ class SolveStats:
 
 
 _STATS_TENSORS = ("residual_norm", "rhs_norm", "residual_history", "threshold", "breakdown", "nonfinite",
-                  "min_curvature", "singular", "diverged")
+                  "min_curvature", "singular", "diverged", "inaccurate")
 _STATS_STATIC = ("solver", "iterations", "num_hvp", "checked", "residual_source")
 
 

@@ -74,7 +74,7 @@ class MINRES(Solver):
             y = monitor.product(operator, v)
             y = tree_axpy(-safe_divide(beta, old_beta, old_beta > 0), r_prev, y)
             alpha = tree_batch_dot(v, y)
-            monitor.curvature(alpha, tree_batch_dot(v, v))
+            monitor.curvature(alpha, tree_batch_dot(v, v), is_breakdown=False)  # fine for MINRES
             y = tree_axpy(-safe_divide(alpha, beta, active), r_curr, y)
             r_prev, r_curr = r_curr, y
             old_beta, beta = beta, tree_batch_norm(y)
@@ -110,8 +110,6 @@ class MINRES(Solver):
                 break
         if self.checks_enabled and monitor.iterations > 0:
             X = self._minimum_norm(operator, B, X, monitor, anorm)
-        # Non-positive curvature is not a breakdown for MINRES.
-        monitor.breakdown = torch.zeros_like(monitor.breakdown)
         return X, monitor.stats()
 
     @staticmethod
