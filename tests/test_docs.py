@@ -302,3 +302,44 @@ def test_marker_parser(tmp_path: Path) -> None:
         page.write_text(bad)
         with pytest.raises(MarkerError):
             parse_blocks(page)
+
+
+# --- the API page: docstrings' Sphinx markup becomes Markdown at build time ------------------
+
+def _griffe_hook():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("griffe_sphinx", ROOT / "docs" / "_hooks" / "griffe_sphinx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstring_markup_becomes_markdown() -> None:
+    hook = _griffe_hook()
+    text = ("Solve.\n\n    .. math::\n        A x = b\n\n    with :math:`x \\in R^n`, see :class:`~hypergrad.CG`"
+            " and :func:`torch.linalg.solve`.\n\n    Example:\n        >>> x = 1\n        ... y = 2\n")
+    out = hook.convert(text, frozenset({"hypergrad.CG"}))
+    assert "    $$\n    A x = b\n    $$" in out
+    assert "$x \\in R^n$" in out and "[`CG`][hypergrad.CG]" in out and "`torch.linalg.solve`" in out
+    assert "        ```pycon\n        >>> x = 1\n        ... y = 2\n        ```" in out
+
+
+def test_no_sphinx_markup_survives_in_public_docstrings() -> None:
+    """Every role and ``.. math::`` of the API page's objects is converted (the page renders them)."""
+    import inspect
+
+    import hypergrad
+
+    hook = _griffe_hook()
+    documented = hook.documented_names()
+    assert "hypergrad.CG" in documented
+    left = []
+    for name in sorted(documented):
+        obj = getattr(hypergrad, name.removeprefix("hypergrad."))
+        members = [obj, *(m for k, m in vars(obj).items() if not k.startswith("_"))] if inspect.isclass(obj) else [obj]
+        for member in members:
+            doc = inspect.getdoc(member) if (inspect.isroutine(member) or inspect.isclass(member)) else None
+            if doc and (hook.ROLE.search(out := hook.convert(doc, documented)) or ".. math::" in out):
+                left.append(f"{name}: {hook.ROLE.search(out) or '.. math::'}")
+    assert not left, left
