@@ -24,6 +24,10 @@ Markers (an HTML comment above the opening fence, blank lines allowed; invisible
 -------------------------------------------------------------------------------------------
 * ``<!-- docs-test: skip REASON -->`` — do not run this block; REASON is required (e.g. "needs
   the STL-10 files", "spawns 2 processes; covered by tests/core/test_distributed.py").
+* ``<!-- docs-test: needs MODULE -->`` — a python block that needs an optional package (e.g.
+  ``torchopt``): it does not run with its page; ``test_optional_block_runs`` runs it alone, in a
+  fresh namespace, when MODULE is importable, and is skipped (reason: MODULE not installed)
+  otherwise.
 * ``<!-- docs-test: set KEY=VALUE [KEY=VALUE ...] -->`` — extra ``--set`` overrides appended to
   every ``bissl`` command of the next shell block, after ``TINY``; items are separated by
   spaces, so write values without spaces (``augment.crop_scale=[0.2,1.0]``).
@@ -71,6 +75,7 @@ class Block:
     lang: str
     code: str
     skip: str | None = None  # reason
+    needs: str | None = None  # optional module the block imports
     overrides: list[str] = field(default_factory=list)
 
     @property
@@ -115,7 +120,7 @@ def parse_blocks(page: Path) -> list[Block]:
                     pass  # the README's shell blocks are install commands: not collected
                 else:
                     blocks.append(block)
-            elif block.skip is not None or block.overrides:
+            elif block.skip is not None or block.overrides or block.needs is not None:
                 raise MarkerError(f"{block.where}: marker on a {lang or 'plain'} block, which never runs")
             i += 1
             continue
@@ -132,13 +137,17 @@ def _attach(block: Block, line: int, kind: str, arg: str) -> None:
         if not arg:
             raise MarkerError(f"{block.page.name}:{line}: `docs-test: skip` needs a reason")
         block.skip = arg
+    elif kind == "needs":
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", arg):
+            raise MarkerError(f"{block.page.name}:{line}: `docs-test: needs` takes one module name, got {arg!r}")
+        block.needs = arg
     elif kind == "set":
         items = arg.split()
         if not items or not all("=" in item for item in items):
             raise MarkerError(f"{block.page.name}:{line}: `docs-test: set` needs KEY=VALUE items, got {arg!r}")
         block.overrides = items
     else:
-        raise MarkerError(f"{block.page.name}:{line}: unknown marker {kind!r} (use skip or set)")
+        raise MarkerError(f"{block.page.name}:{line}: unknown marker {kind!r} (use skip, needs or set)")
 
 
 @contextlib.contextmanager
@@ -205,7 +214,7 @@ def run_page(page: Path, tmp_path: Path) -> int:
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
     ran = 0
     for n, block in enumerate(blocks):
-        if block.skip is not None:
+        if block.skip is not None or block.needs is not None:
             continue
         cwd = tmp_path / f"block{n}"
         cwd.mkdir()
@@ -219,11 +228,11 @@ def run_page(page: Path, tmp_path: Path) -> int:
 
 
 def count_blocks(page: Path) -> tuple[int, int]:
-    """(code blocks the page holds, skip markers), counted with plain regexes, not the parser."""
+    """(code blocks the page holds, skip and needs markers), counted with plain regexes, not the parser."""
     text = page.read_text()
     langs = PYTHON_LANGS if page.name == "README.md" else PYTHON_LANGS | SHELL_LANGS
     opening = rf"^[ \t]*(?:```|~~~)[ \t]*(?:{'|'.join(sorted(langs))})[ \t]*$"
-    skips = re.findall(r"^[ \t]*<!--\s*docs-test:\s*skip\b", text, re.M)
+    skips = re.findall(r"^[ \t]*<!--\s*docs-test:\s*(?:skip|needs)\b", text, re.M)
     return len(re.findall(opening, text, re.M)), len(skips)
 
 
@@ -246,7 +255,23 @@ def _page_param(page: Path) -> object:
 def test_page_code_blocks_run(page: Path, tmp_path: Path) -> None:
     held, marked = count_blocks(page)
     ran = run_page(page, tmp_path)
-    assert ran == held - marked, f"{page.name}: {ran} blocks ran; the page holds {held}, {marked} marked skip"
+    assert ran == held - marked, f"{page.name}: {ran} blocks ran; the page holds {held}, {marked} marked skip/needs"
+
+
+OPTIONAL = [b for p in PAGES for b in parse_blocks(p) if b.needs is not None]
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.where) for b in OPTIONAL])
+def test_optional_block_runs(block: Block, tmp_path: Path) -> None:
+    """A ``needs MODULE`` block runs alone when MODULE is importable (a python block only)."""
+    assert block.lang in PYTHON_LANGS, f"{block.where}: `needs` is for python blocks"
+    pytest.importorskip(block.needs, reason=f"{block.needs} is not installed (optional; the block needs it)")
+    with _isolated(tmp_path):
+        exec(compile(block.code, block.where, "exec"), {"__name__": f"docs_{block.page.stem}_optional"})
+
+
+def test_migration_page_has_an_optional_torchopt_block() -> None:
+    assert any(b.needs == "torchopt" and "torchopt.diff.implicit.custom_root" in b.code for b in OPTIONAL)
 
 
 def test_readme_library_example_is_collected() -> None:
@@ -259,10 +284,12 @@ def test_marker_parser(tmp_path: Path) -> None:
     page.write_text(
         "# t\n<!-- docs-test: skip needs a GPU -->\n```python\nraise SystemExit\n```\n"
         "<!-- docs-test: set a.b=1 c=2 -->\n```bash\nbissl run --set x=1 \\\n  --resume  # c\n```\n"
+        "<!-- docs-test: needs torchopt -->\n```python\nimport torchopt\n```\n"
         "```yaml\na: 1\n```\n```python\nx = 1\n```\n")
     blocks = parse_blocks(page)
     assert [(b.lang, b.skip, b.overrides) for b in blocks] == [
-        ("python", "needs a GPU", []), ("bash", None, ["a.b=1", "c=2"]), ("python", None, [])]
+        ("python", "needs a GPU", []), ("bash", None, ["a.b=1", "c=2"]), ("python", None, []), ("python", None, [])]
+    assert [b.needs for b in blocks] == [None, None, "torchopt", None]
     assert shell_commands(blocks[1].code) == [["bissl", "run", "--set", "x=1", "--resume"]]
     assert shell_commands("pip install -e . && bissl run\n") == [["pip", "install", "-e", "."],
                                                                 ["bissl", "run"]]
@@ -270,7 +297,49 @@ def test_marker_parser(tmp_path: Path) -> None:
                 "<!-- docs-test: skip why -->\n\ntext\n```python\n```\n",
                 "<!-- docs-test: sett a=1 -->\n```bash\n```\n",
                 "<!-- docs-test: set a -->\n```bash\n```\n",
-                "<!-- docs-test: skip why -->\n```yaml\n```\n"):
+                "<!-- docs-test: skip why -->\n```yaml\n```\n",
+                "<!-- docs-test: needs two modules -->\n```python\n```\n"):
         page.write_text(bad)
         with pytest.raises(MarkerError):
             parse_blocks(page)
+
+
+# --- the API page: docstrings' Sphinx markup becomes Markdown at build time ------------------
+
+def _griffe_hook():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("griffe_sphinx", ROOT / "docs" / "_hooks" / "griffe_sphinx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstring_markup_becomes_markdown() -> None:
+    hook = _griffe_hook()
+    text = ("Solve.\n\n    .. math::\n        A x = b\n\n    with :math:`x \\in R^n`, see :class:`~hypergrad.CG`"
+            " and :func:`torch.linalg.solve`.\n\n    Example:\n        >>> x = 1\n        ... y = 2\n")
+    out = hook.convert(text, frozenset({"hypergrad.CG"}))
+    assert "    $$\n    A x = b\n    $$" in out
+    assert "$x \\in R^n$" in out and "[`CG`][hypergrad.CG]" in out and "`torch.linalg.solve`" in out
+    assert "        ```pycon\n        >>> x = 1\n        ... y = 2\n        ```" in out
+
+
+def test_no_sphinx_markup_survives_in_public_docstrings() -> None:
+    """Every role and ``.. math::`` of the API page's objects is converted (the page renders them)."""
+    import inspect
+
+    import hypergrad
+
+    hook = _griffe_hook()
+    documented = hook.documented_names()
+    assert "hypergrad.CG" in documented
+    left = []
+    for name in sorted(documented):
+        obj = getattr(hypergrad, name.removeprefix("hypergrad."))
+        members = [obj, *(m for k, m in vars(obj).items() if not k.startswith("_"))] if inspect.isclass(obj) else [obj]
+        for member in members:
+            doc = inspect.getdoc(member) if (inspect.isroutine(member) or inspect.isclass(member)) else None
+            if doc and (hook.ROLE.search(out := hook.convert(doc, documented)) or ".. math::" in out):
+                left.append(f"{name}: {hook.ROLE.search(out) or '.. math::'}")
+    assert not left, left
