@@ -18,6 +18,7 @@ from ._errors import (
     SolveFailureError,
     SolveFailureWarning,
     SolverBreakdownError,
+    ThirdDerivativeError,
     TransformError,
     TreeMismatchError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "SolveStats",
     "Solver",
     "SolverBreakdownError",
+    "ThirdDerivativeError",
     "TransformError",
     "Tree",
     "TreeMismatchError",

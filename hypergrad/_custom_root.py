@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._errors import HypergradError, NotStationaryWarning
+from ._errors import NotStationaryWarning, ThirdDerivativeError
+from ._failure import check_solve
 from ._hvp import HVPMethod, hvp_batched
 from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator
 from ._solution import SolveStats
@@ -45,11 +46,6 @@ from ._tree import Tree, tree_dot, tree_norm
 __all__ = ["ThirdDerivativeError", "custom_root", "relative_stationarity"]
 
 OnFailure = Literal["warn", "raise", "ignore"]
-
-
-class ThirdDerivativeError(HypergradError, NotImplementedError):
-    """A second derivative through :func:`custom_root` needs third derivatives of ``lower_loss``
-    through an operation whose third derivatives torch computes wrongly."""
 
 
 def _under_functorch() -> bool:
@@ -172,12 +168,13 @@ def _check_stationary(spec: dict[str, Any], inner: Tree, outer: Tree, data: tupl
     tol = spec["stationarity_tol"]
     if tol is None or _under_functorch() or torch.compiler.is_compiling():
         return
-    point = tuple({k: x.detach() for k, x in t.items()} for t in (inner, outer))
+    inner_d = {k: x.detach() for k, x in inner.items()}
+    outer_d = {k: x.detach() for k, x in outer.items()}
     data = tuple(a.detach() for a in data)
     with torch.enable_grad():
-        g = {k: x.detach() for k, x in _grad_inner(spec)(*point, data).items()}
-        hg = _hessian(spec, *point, data, damped=False).mv(g)
-    rho = float(relative_stationarity(g, {k: x.detach() for k, x in hg.items()}, point[0]))
+        g = {k: x.detach() for k, x in _grad_inner(spec)(inner_d, outer_d, data).items()}
+        hg = _hessian(spec, inner_d, outer_d, data, damped=False).mv(g)
+    rho = float(relative_stationarity(g, {k: x.detach() for k, x in hg.items()}, inner_d))
     if rho > tol:
         warnings.warn(
             f"custom_root: the inner point is not stationary: estimated relative distance to the "
@@ -239,9 +236,7 @@ class _LinearSolve(torch.autograd.Function):
                     tuple(a.detach() for a in data))
         with torch.enable_grad():
             solution = spec["solver"].solve(_hessian(spec, *detached), {k: x.detach() for k, x in v.items()})
-        # ISSUE-17 MERGE POINT (part 3, lead): report a failed solve here, e.g.
-        #   check_solve(solution.stats, spec["solver"], spec["on_failure"], "custom_root")
-        # (hypergrad/_failure.py); spec["on_failure"] is validated at decoration.
+        check_solve(solution.stats, spec["solver"], spec["on_failure"], "custom_root")
         if spec["on_solve"] is not None:
             spec["on_solve"](solution.stats)
         return tuple(solution.value[k].detach() for k in spec["inner_keys"])
@@ -323,7 +318,7 @@ def _check_solver(solver: object) -> Solver:
                     f"GMRES(), got {what}; pass one of those (custom solvers subclass hypergrad.Solver)")
 
 
-def _detach_tensors(items: Iterator[tuple[Any, Any]]) -> dict[Any, Any]:
+def _detach_tensors(items: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
     return {k: v.detach() if isinstance(v, Tensor) else v for k, v in items}
 
 

@@ -47,6 +47,12 @@ class NystromRankWarning(UserWarning):
     """A Nystrom sketch kept no eigenvalue above rounding level: the preconditioner is the identity."""
 
 
+class ThirdDerivativeError(HypergradError, NotImplementedError):
+    """A second derivative through :func:`hypergrad.custom_root` needs third derivatives of
+    ``lower_loss`` through an operation whose third derivatives torch computes wrongly
+    (train-mode BatchNorm, instance norm and layer norm on torch 2.14.1)."""
+
+
 class NotStationaryWarning(UserWarning):
     """The given inner point is far from stationary, so the implicit function theorem is inexact."""
 

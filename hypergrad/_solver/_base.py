@@ -280,7 +280,9 @@ class Solver(abc.ABC):
         if self.requires_symmetric and not operator.symmetric:
             raise OperatorTagError(
                 f"{type(self).__name__} needs a symmetric operator, but {type(operator).__name__} is "
-                f"tagged symmetric=False; use Neumann (or declare symmetric=True if it is)"
+                f"tagged symmetric=False; use GMRES (any non-symmetric operator), or Neumann when the "
+                f"fixed-point map is a contraction (spectral radius of I - alpha*A below 1); or declare "
+                f"symmetric=True if it is"
             )
         if not b:
             raise ValueError("b must be a non-empty tree of tensors")

@@ -53,7 +53,7 @@ def _abs_grad_norm(ridge: Ridge, w, scale: float) -> float:
 def test_half_the_minimiser_warns_and_the_minimiser_does_not():
     ridge = Ridge()
     with pytest.warns(hg.NotStationaryWarning, match="stationarity_tol"):
-        wrong = _hypergrad_at(ridge, lambda l: 0.5 * ridge.w_star(l))
+        wrong = _hypergrad_at(ridge, lambda lam: 0.5 * ridge.w_star(lam))
     assert abs(float(wrong) - float(ridge.hypergrad())) > 1e-2 * abs(float(ridge.hypergrad()))
     with warnings.catch_warnings():
         warnings.simplefilter("error", hg.NotStationaryWarning)
@@ -61,7 +61,7 @@ def test_half_the_minimiser_warns_and_the_minimiser_does_not():
     assert abs(float(right) - float(ridge.hypergrad())) <= 1e-8 * abs(float(ridge.hypergrad()))
     with warnings.catch_warnings():  # None skips the check
         warnings.simplefilter("error", hg.NotStationaryWarning)
-        _hypergrad_at(ridge, lambda l: 0.5 * ridge.w_star(l), stationarity_tol=None)
+        _hypergrad_at(ridge, lambda lam: 0.5 * ridge.w_star(lam), stationarity_tol=None)
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
@@ -70,7 +70,7 @@ def test_stationarity_decision_does_not_flip_with_the_loss_scale(scale):
     the absolute ||grad|| against 1e-3 would decide both wrongly at one end (controls)."""
     ridge = Ridge()
     with pytest.warns(hg.NotStationaryWarning):
-        _hypergrad_at(ridge, lambda l: 0.5 * ridge.w_star(l), scale=scale)
+        _hypergrad_at(ridge, lambda lam: 0.5 * ridge.w_star(lam), scale=scale)
     with warnings.catch_warnings():
         warnings.simplefilter("error", hg.NotStationaryWarning)
         g = _hypergrad_at(ridge, _near(ridge, 1e-6), scale=scale)
