@@ -293,3 +293,24 @@ def test_nystrom_of_the_zero_operator_keeps_nothing_and_warns():
     assert P.rank == 0
     r = {"p": torch.randn(2, 50)}
     torch.testing.assert_close(P(r)["p"], r["p"])
+
+
+def test_custom_root_warns_when_its_tolerance_solve_misses_it():
+    lower, upper, inner, outer = _ill_conditioned_ridge()
+
+    def fit(solver, on_failure="warn"):
+        @hg.custom_root(lower, solver=solver, on_failure=on_failure)
+        def solve(o):
+            return {"w": inner["w"]}
+
+        lam = outer["lam"].clone().requires_grad_(True)
+        loss = upper(solve({"lam": lam}), {"lam": lam})
+        return torch.autograd.grad(loss, lam)[0]
+
+    with pytest.warns(hg.SolveFailureWarning, match="custom_root.*MAX_ITERATIONS"):
+        fit(hg.CG(maxiter=1, tol=1e-10))
+    with pytest.raises(hg.SolveFailureError):
+        fit(hg.CG(maxiter=1, tol=1e-10), on_failure="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.SolveFailureWarning)
+        fit(hg.CG(maxiter=1, tol=0.0))  # a fixed-iteration solve asked for exactly one iteration
