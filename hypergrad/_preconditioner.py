@@ -59,11 +59,13 @@ def _unflatten_batched(M: Tensor, like: Mapping[str, Tensor], keys: list[str]) -
 class NystromPreconditioner:
     r"""The map :math:`r \mapsto P^{-1} r` on batched trees; pass it as ``CG(preconditioner=...)``.
 
-    The sketch's small ``r x r`` algebra (core, Cholesky factor, Gram matrices) runs in float64
-    and the ``n x r`` matrices in the operator's precision (at least float32). Eigenvalues at or
-    below the rounding level of the products (the stabilising shift
-    :math:`\nu = 10\,\epsilon \sqrt r\,\|Y\|_2`, which does not grow with n) are dropped;
-    :attr:`rank` says how many were kept, and keeping none warns (:class:`NystromRankWarning`).
+    The sketch's small ``r x r`` algebra (core, eigendecompositions, Gram matrices) runs in
+    float64 and the ``n x r`` matrices in the operator's precision (at least float32).
+    :math:`\hat A = Y (\Omega^\top Y)^+ Y^\top` with the pseudo-inverse over the core's
+    eigenvalues above its rounding level :math:`\tau = 10\,\epsilon\sqrt r\,\max|d|` (relative,
+    so it does not grow with n; no stabilising shift, whose n copies would bias the sketch at
+    large n); :attr:`rank` says how many were kept, and keeping none warns
+    (:class:`NystromRankWarning`).
 
     Attributes:
         basis: ``U``, shape ``(n, rank)`` (n = number of parameters).
@@ -101,41 +103,36 @@ class NystromPreconditioner:
         omega = torch.randn(n, rank, generator=generator, dtype=work, device="cpu").to(ref.device)
         omega, _ = torch.linalg.qr(omega)  # (n, r), orthonormal columns
         Y = _flatten_batched(operator.matmat(_unflatten_batched(omega.mT, like, keys)), keys).mT.to(work)
-        # Rounding of the products perturbs Omega^T Y by about eps * ||Y||_F <= eps * sqrt(r) ||Y||_2
-        # whatever n is: a shift a few times that keeps the core positive definite, and sketched
-        # eigenvalues above it are measured, not rounding.
-        gram_y = _gram64(Y, Y)
-        y_norm = float(torch.linalg.eigvalsh(gram_y)[-1].clamp_min(0.0).sqrt())
-        shift = max(10.0 * torch.finfo(work).eps * rank**0.5 * y_norm, torch.finfo(work).tiny)  # > 0 for A = 0
-        core = _gram64(omega, Y)  # r x r in float64
+        # The core Omega^T A Omega, accumulated in float64. Rounding of the products perturbs it by
+        # about eps * sqrt(r) * ||core|| whatever n is, so its eigenvalues above
+        # tau = 10 eps sqrt(r) max|eig| are measured; the pseudo-inverse over them (no stabilising
+        # shift, whose n - r copies would bias the sketch as n grows) gives A_hat = Y core^+ Y^T.
+        core = _gram64(omega, Y)  # r x r
         core = (core + core.mT) / 2
-        chol, info = torch.linalg.cholesky_ex(core + shift * torch.eye(rank, dtype=core.dtype, device=core.device))
-        if int(info) != 0:
-            smallest = float(torch.linalg.eigvalsh(core)[0])
+        d, V = torch.linalg.eigh(core)  # ascending
+        tau = 10.0 * torch.finfo(work).eps * rank**0.5 * float(d.abs().max())
+        if float(d[0]) < -tau:
+            smallest = float(d[0])
             raise IndefiniteSketchError(
-                f"the Nystrom sketch Omega^T A Omega has eigenvalue {smallest:.3g} <= 0, so the operator "
+                f"the Nystrom sketch Omega^T A Omega has eigenvalue {smallest:.3g} < 0, so the operator "
                 f"is not positive semi-definite; sketch a damped operator (H + shift*I with shift > "
                 f"{-smallest:.3g}) or solve with MINRES without this preconditioner"
             )
-        # B = (Y + shift Omega) C^{-T}, so that B B^T is the shifted Nystrom approximation.
-        inv_chol_t = torch.linalg.solve_triangular(chol, torch.eye(rank, dtype=chol.dtype, device=chol.device),
-                                                   upper=False).mT
-        B = (Y + shift * omega) @ inv_chol_t.to(work)
-        sigma2, V = torch.linalg.eigh(_gram64(B, B))  # ascending
-        sigma2, V = sigma2.flip(0), V.flip(1)
-        eig = sigma2 - shift
-        keep = eig > shift  # measured above the rounding level, independent of n
-        kept = int(keep.sum())
-        if kept == 0:
+        measured = d > tau
+        if not bool(measured.any()):
             warnings.warn(
                 f"NystromPreconditioner: none of the {rank} sketched eigenvalues is above the rounding level "
-                f"{shift:.3g} (largest {float(eig[0]):.3g}), so the preconditioner is the identity and CG runs "
+                f"(largest {float(d[-1]):.3g}), so the preconditioner is the identity and CG runs "
                 f"unpreconditioned after {rank} products; the operator's top eigenvalues are ~0 at this "
                 f"precision: check the operator, or drop the preconditioner",
                 NystromRankWarning, stacklevel=2)
-        scale = sigma2[keep].clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
-        U = B @ (V[:, keep] * scale).to(work)  # left singular vectors of B, (n, kept)
-        return cls(basis=U, eigenvalues=eig[keep].to(work), mu=float(mu), num_hvp=rank,
+            return cls(basis=Y.new_zeros(n, 0), eigenvalues=Y.new_zeros(0), mu=float(mu), num_hvp=rank,
+                       like={k: v.detach() for k, v in like.items()})
+        B = Y @ (V[:, measured] * d[measured].rsqrt()).to(work)  # B B^T = A_hat, (n, m), full column rank
+        sigma2, W = torch.linalg.eigh(_gram64(B, B))  # ascending; the eigenvalues of A_hat
+        sigma2, W = sigma2.flip(0).clamp_min(torch.finfo(torch.float64).tiny), W.flip(1)
+        U = B @ (W * sigma2.rsqrt()).to(work)  # left singular vectors of B, (n, m)
+        return cls(basis=U, eigenvalues=sigma2.to(work), mu=float(mu), num_hvp=rank,
                    like={k: v.detach() for k, v in like.items()})
 
     @property
