@@ -273,7 +273,7 @@ def _nystrom_cuts_iterations(n: int) -> None:
     # ... so preconditioned CG sees (almost) only the identity: CG needs one iteration per
     # outlier plus the bulk, PCG a handful.
     assert plain.stats.iterations >= 9
-    assert pcg.stats.iterations <= 4
+    assert pcg.stats.iterations <= 3
 
 
 def test_nystrom_keeps_measured_outliers_and_cuts_cg_iterations():
