@@ -156,7 +156,7 @@ def inner_grad(objective: Callable[[Tree], Tensor], point: Tree, what: str, *,
                                 allow_unused=True)
     unused = [k for k, g in zip(keys, grads, strict=True) if g is None]
     if unused:
-        raise _unused(what, unused)
+        raise _independent(what, keys) if len(unused) == len(keys) else _unused(what, unused)
     return loss, dict(zip(keys, grads, strict=True))
 
 
@@ -175,7 +175,7 @@ def both_grads(loss_fn: Loss2, point: Tree, outer: Tree, what: str) -> tuple[Ten
     g_i, g_o = grads[: len(keys_i)], grads[len(keys_i):]
     unused = [k for k, g in zip(keys_i, g_i, strict=True) if g is None]
     if unused:
-        raise _unused(what, unused)
+        raise _independent(what, keys_i) if len(unused) == len(keys_i) else _unused(what, unused)
     return (value.detach(), {k: g.detach() for k, g in zip(keys_i, g_i, strict=True)},
             {k: torch.zeros_like(po[k]) if g is None else g.detach() for k, g in zip(keys_o, g_o, strict=True)})
 
