@@ -64,6 +64,7 @@ from ._estimate import (
     descend,
 )
 from ._hvp import _check_scalar
+from ._implicit import _autograd_only
 from ._tree import Tree, check_compatible, tree_norm
 
 __all__ = ["PenaltySchedule", "f2sa_grad", "penalty_grad"]
@@ -196,6 +197,7 @@ def f2sa_grad(
         ...     y, z = stats.inner, stats.lower_inner
         ...     outer = {n: outer[n] - lr * g[n] for n in outer}
     """
+    _autograd_only("f2sa_grad")
     lam, eta, eta_y = _check_common(inner, outer, lower_inner, lam, "lam", step_size, penalty_step_size)
     steps = check_count(steps, "steps", 0, "pass the number of gradient steps on the penalised problem")
     n_low = steps if lower_steps is None else check_count(
@@ -276,6 +278,7 @@ def penalty_grad(
         ...     y, z = stats.inner, stats.lower_inner
         ...     outer = {n: outer[n] - lr * g[n] for n in outer}
     """
+    _autograd_only("penalty_grad")
     gamma, eta, beta = _check_common(inner, outer, lower_inner, gamma, "gamma", step_size, penalty_step_size)
     steps = check_count(steps, "steps", 0, "pass the number of gradient steps on the lower problem")
     m = check_count(penalty_steps, "penalty_steps", 1, "the last y step is the joint step; pass 1 for V-PBGD")

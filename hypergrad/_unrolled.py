@@ -39,7 +39,8 @@ from ._estimate import (
     descend,
     inner_grad,
 )
-from ._hvp import _check_scalar, primals
+from ._hvp import _check_scalar
+from ._implicit import _autograd_only, primals
 from ._tree import Tree, tree_norm
 
 __all__ = ["unrolled_grad"]
@@ -86,6 +87,7 @@ def unrolled_grad(
         ...                              steps=100, step_size=0.1, truncate=20)
         >>> w0 = stats.inner  # warm start for the next outer step
     """
+    _autograd_only("unrolled_grad")
     check_tree(inner, "inner")
     check_tree(outer, "outer")
     steps = check_count(steps, "steps", 1, "unroll at least one inner step")

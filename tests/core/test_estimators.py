@@ -365,6 +365,24 @@ def test_lower_loss_that_ignores_the_inner_variables_is_refused(name):
         _call(name, p, lower=partial, inner=inner)
 
 
+@pytest.mark.parametrize("name", ["unrolled", "f2sa", "penalty"])
+def test_refused_inside_torch_func_transforms(name):
+    p = quadratic(0)
+
+    def estimate(x):
+        q = Quadratic(p.H, p.B, p.b, p.c, p.E, x, p.mu, p.ell)
+        return _call(name, q)[0]["x"]
+
+    with pytest.raises(hg.TransformError, match="cannot run inside vmap/grad/jvp"):
+        torch.func.vmap(estimate)(torch.stack([p.x, p.x]))
+
+
+def test_cost_counts_products_at_their_price():
+    p = quadratic(0)
+    _, stats = hg.unrolled_grad(p.lower, p.upper, p.start(), p.outer(), steps=6, step_size=0.5, truncate=4)
+    assert stats.cost(hvp_cost=1.5) == 7 + 1.5 * 4
+
+
 def test_inner_converged_reports_the_tolerance():
     p = quadratic(11, mu=0.5)
     _, few = hg.unrolled_grad(p.lower, p.upper, p.start(), p.outer(), steps=3, step_size=0.5, tol=1e-8)
