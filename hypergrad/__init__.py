@@ -4,13 +4,16 @@ Hessian-vector products (:func:`hvp`, :class:`HessianOperator`), linear operator
 tensors, solvers that report what happened (:class:`CG`, :class:`LayerwiseCG`, :class:`Neumann`,
 :class:`MINRES`, :class:`GMRES`, :class:`Identity`, :class:`NystromPreconditioner`), and implicit
 differentiation (:func:`implicit_grad`, :func:`fixed_point_grad`, :func:`darts_grad`,
-:func:`custom_root`).
+:func:`custom_root`); unrolled differentiation (:func:`unrolled_grad`) and fully first-order
+estimators (:func:`f2sa_grad`, :func:`penalty_grad`) behind the same call shape.
 """
 
 from ._custom_root import custom_root
 from ._errors import (
+    EstimatorSettingError,
     HypergradError,
     IndefiniteSketchError,
+    InnerDependenceError,
     NonFiniteError,
     NotStationaryWarning,
     NystromRankWarning,
@@ -22,6 +25,8 @@ from ._errors import (
     TransformError,
     TreeMismatchError,
 )
+from ._estimate import EstimatorStats
+from ._first_order import PenaltySchedule, f2sa_grad, penalty_grad
 from ._hvp import GradientGraph, VJPGraph, gradient, hvp, hvp_batched, mixed_vjp
 from ._implicit import ImplicitStats, darts_grad, fixed_point_grad, implicit_grad
 from ._module import functional, module_buffers, module_params
@@ -36,6 +41,7 @@ from ._preconditioner import NystromPreconditioner
 from ._solution import Result, Solution, SolveStats
 from ._solver import CG, GMRES, MINRES, Identity, LayerwiseCG, Neumann, Solver
 from ._tree import Tree
+from ._unrolled import unrolled_grad
 from .distributed import DistributedOperator, all_reduce_mean
 
 __version__ = "0.1.0"
@@ -46,6 +52,8 @@ __all__ = [
     "MINRES",
     "DampedOperator",
     "DistributedOperator",
+    "EstimatorSettingError",
+    "EstimatorStats",
     "FunctionOperator",
     "GradientGraph",
     "HessianOperator",
@@ -53,6 +61,7 @@ __all__ = [
     "Identity",
     "ImplicitStats",
     "IndefiniteSketchError",
+    "InnerDependenceError",
     "LayerwiseCG",
     "LinearOperator",
     "MatrixOperator",
@@ -62,6 +71,7 @@ __all__ = [
     "NystromPreconditioner",
     "NystromRankWarning",
     "OperatorTagError",
+    "PenaltySchedule",
     "Result",
     "Solution",
     "SolveFailureError",
@@ -78,6 +88,7 @@ __all__ = [
     "all_reduce_mean",
     "custom_root",
     "darts_grad",
+    "f2sa_grad",
     "fixed_point_grad",
     "functional",
     "gradient",
@@ -87,4 +98,6 @@ __all__ = [
     "mixed_vjp",
     "module_buffers",
     "module_params",
+    "penalty_grad",
+    "unrolled_grad",
 ]

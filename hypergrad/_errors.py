@@ -60,3 +60,13 @@ class NotStationaryWarning(UserWarning):
 class TransformError(HypergradError, RuntimeError):
     """An option that reads a tensor's value (a tolerance check, a raise-on-breakdown policy, an
     autograd-only path) was requested inside ``torch.func.vmap`` or another functorch transform."""
+
+
+class EstimatorSettingError(HypergradError, ValueError):
+    """A hypergradient estimator got a setting it cannot work with (a step size that is not a
+    positive number, a step count below its minimum, a penalty schedule that decreases)."""
+
+
+class InnerDependenceError(HypergradError, ValueError):
+    """The lower loss does not depend on (some of) the inner variables, so no inner step can
+    move them: the estimator would silently return the partial derivative only."""
