@@ -2,7 +2,9 @@
 
 Hessian-vector products (:func:`hvp`, :class:`HessianOperator`), linear operators on trees of
 tensors, solvers that report what happened (:class:`CG`, :class:`LayerwiseCG`, :class:`Neumann`,
-:class:`MINRES`, :class:`GMRES`, :class:`Identity`, :class:`NystromPreconditioner`), and implicit
+:class:`MINRES`, :class:`GMRES`, :class:`Identity`, :class:`NystromPreconditioner`; for many solves
+with one operator :class:`Refinement` with :func:`low_precision` products and :class:`RecycledCG`
+with a :class:`KrylovRecycler`), and implicit
 differentiation (:func:`implicit_grad`, :func:`fixed_point_grad`, :func:`darts_grad`,
 :func:`custom_root`).
 """
@@ -31,9 +33,11 @@ from ._operator import (
     LinearOperator,
     MatrixOperator,
 )
+from ._precision import CastOperator, autocast_objective, low_precision
 from ._preconditioner import NystromPreconditioner
+from ._recycler import KrylovRecycler
 from ._solution import Result, Solution, SolveStats
-from ._solver import CG, GMRES, MINRES, Identity, LayerwiseCG, Neumann, Solver
+from ._solver import CG, GMRES, MINRES, Identity, LayerwiseCG, Neumann, RecycledCG, Refinement, Solver
 from ._tree import Tree
 from .distributed import DistributedOperator, all_reduce_mean
 
@@ -41,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "CastOperator",
     "GMRES",
     "MINRES",
     "DampedOperator",
@@ -52,6 +57,7 @@ __all__ = [
     "Identity",
     "ImplicitStats",
     "IndefiniteSketchError",
+    "KrylovRecycler",
     "LayerwiseCG",
     "LinearOperator",
     "MatrixOperator",
@@ -61,6 +67,8 @@ __all__ = [
     "NystromPreconditioner",
     "NystromRankWarning",
     "OperatorTagError",
+    "RecycledCG",
+    "Refinement",
     "Result",
     "Solution",
     "SolveFailureError",
@@ -74,6 +82,7 @@ __all__ = [
     "VJPGraph",
     "__version__",
     "all_reduce_mean",
+    "autocast_objective",
     "custom_root",
     "darts_grad",
     "fixed_point_grad",
@@ -82,6 +91,7 @@ __all__ = [
     "hvp",
     "hvp_batched",
     "implicit_grad",
+    "low_precision",
     "mixed_vjp",
     "module_buffers",
     "module_params",
