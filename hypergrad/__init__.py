@@ -37,7 +37,17 @@ from ._precision import CastOperator, autocast_objective, low_precision
 from ._preconditioner import NystromPreconditioner
 from ._recycler import KrylovRecycler
 from ._solution import Result, Solution, SolveStats
-from ._solver import CG, GMRES, MINRES, Identity, LayerwiseCG, Neumann, RecycledCG, Refinement, Solver
+from ._solver import (
+    CG,
+    GMRES,
+    MINRES,
+    Identity,
+    LayerwiseCG,
+    Neumann,
+    RecycledCG,
+    Refinement,
+    Solver,
+)
 from ._tree import Tree
 from .distributed import DistributedOperator, all_reduce_mean
 
@@ -45,9 +55,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
-    "CastOperator",
     "GMRES",
     "MINRES",
+    "CastOperator",
     "DampedOperator",
     "DistributedOperator",
     "FunctionOperator",

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from ._hvp import Objective
-from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator, MatrixOperator
+from ._operator import (
+    DampedOperator,
+    FunctionOperator,
+    HessianOperator,
+    LinearOperator,
+    MatrixOperator,
+)
 from ._tree import Tree
 from .distributed import DistributedOperator
 

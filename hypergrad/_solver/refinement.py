@@ -15,6 +15,8 @@ from .cg import CG
 
 __all__ = ["Refinement"]
 
+DEFAULT_INNER = CG(maxiter=2, tol=0.0)  # immutable, so one shared default instance is safe
+
 
 @dataclass(frozen=True)
 class Refinement(Solver):
@@ -75,7 +77,7 @@ class Refinement(Solver):
         >>> x, result, stats = solver.solve(A, b)
     """
 
-    inner: Solver | tuple[Solver, ...] = CG(maxiter=2, tol=0.0)
+    inner: Solver | tuple[Solver, ...] = DEFAULT_INNER
     inner_operator: LinearOperator | None = None
     true_residual: bool = True
     maxiter: int = 3

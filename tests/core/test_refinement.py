@@ -296,5 +296,5 @@ def test_low_precision_rejects_unknown_operators_and_dtypes():
 
     with pytest.raises(TypeError, match="CastOperator"):
         hg.low_precision(Custom())
-    with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
+    with pytest.raises(ValueError, match=r"bfloat16 or torch\.float16"):
         hg.low_precision(hg.MatrixOperator(torch.eye(2)), torch.float32)
