@@ -309,7 +309,7 @@ def _refinement(w: Alternation, clock: Clock, corrections: int, inner: hg.Solver
     H = _hessian(w)
     A = _damped(H, w.c)
     if H_inner is None:
-        H_inner = CountingOperator(hg.low_precision(H)) if low_precision else _hessian(w)
+        H_inner = CountingOperator(hg.low_precision(H.base)) if low_precision else _hessian(w)
     M = _damped(H_inner, w.c)
     rec = Recorder(clock, lambda: H.n + H_inner.n)
     solver = hg.Refinement(inner=inner, inner_operator=M, maxiter=corrections, tol=0.0, true_residual=False,
