@@ -17,7 +17,8 @@ classical Gram-Schmidt, each followed by an eigenvalue-based orthonormalisation 
 the stored basis is never restacked or re-orthonormalised. When the basis is full, the oldest
 directions are overwritten (dropping rows of an orthonormal basis keeps it orthonormal). No step
 reads a value on the host: directions that are (numerically) dependent on the basis become zero
-rows, which every formula ignores.
+rows, which every formula ignores. (On a GPU, ``torch.linalg.eigh`` of the small matrices checks
+its own errors on the host: 3 synchronisations per :meth:`add`, after the solve's iterations.)
 
 Vector work, in passes over the stored ``m x n`` basis (``m`` the directions held so far): 7 per
 :meth:`add` (3 per Gram-Schmidt round, 1 for :math:`E`) and 3 per :meth:`galerkin`; the deflation
@@ -128,7 +129,7 @@ class KrylovRecycler:
         if w.shape[0] > self.capacity:  # keep the most recent
             w, aw = w[-self.capacity:], aw[-self.capacity:]
         k = w.shape[0]
-        slots = torch.tensor([(self._next + i) % self.capacity for i in range(k)], device=w.device)
+        slots = (torch.arange(k, device=w.device) + self._next) % self.capacity  # no host-to-device copy
         self.filled = min(self.capacity, self.filled + k)
         self._next = (self._next + k) % self.capacity
         # Free the slots first: the new block is orthogonalised against what stays.
