@@ -36,21 +36,21 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import test_func_transforms
-    import test_hvp_methods
-    import test_ihvp_solvers
-    import test_vs_baselines
+    import bench_func_transforms as func_transforms
+    import bench_hvp_methods as hvp_methods
+    import bench_ihvp_solvers as ihvp_solvers
+    import bench_vs_baselines as vs_baselines
     from _common import machine_summary
 
     sections = []
     started = time.perf_counter()
     budget = 4.0 if args.quick else 1.0
     for title, module, kwargs in [
-        ("1. IHVP solvers", test_ihvp_solvers, {"rounds": 3, "budget_s": 15.0 / budget}),
-        ("2. Hessian-vector product methods", test_hvp_methods, {"rounds": 5, "budget_s": 20.0 / budget}),
-        ("3. hypergrad vs hand-written PyTorch and torchopt", test_vs_baselines,
+        ("1. IHVP solvers", ihvp_solvers, {"rounds": 3, "budget_s": 15.0 / budget}),
+        ("2. Hessian-vector product methods", hvp_methods, {"rounds": 5, "budget_s": 20.0 / budget}),
+        ("3. hypergrad vs hand-written PyTorch and torchopt", vs_baselines,
          {"rounds": 3, "budget_s": 40.0 / budget}),
-        ("4. torch.func transforms: vmap vs loop, eager vs compiled", test_func_transforms,
+        ("4. torch.func transforms: vmap vs loop, eager vs compiled", func_transforms,
          {"rounds": 5, "budget_s": 10.0 / budget}),
     ]:
         t0 = time.perf_counter()

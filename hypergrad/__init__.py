@@ -2,7 +2,9 @@
 
 Hessian-vector products (:func:`hvp`, :class:`HessianOperator`), linear operators on trees of
 tensors, solvers that report what happened (:class:`CG`, :class:`LayerwiseCG`, :class:`Neumann`,
-:class:`MINRES`, :class:`GMRES`, :class:`Identity`, :class:`NystromPreconditioner`), and implicit
+:class:`MINRES`, :class:`GMRES`, :class:`Identity`, :class:`NystromPreconditioner`; for many solves
+with one operator :class:`Refinement` with :func:`low_precision` products and :class:`RecycledCG`
+with a :class:`KrylovRecycler`), and implicit
 differentiation (:func:`implicit_grad`, :func:`fixed_point_grad`, :func:`darts_grad`,
 :func:`custom_root`); unrolled differentiation (:func:`unrolled_grad`) and fully first-order
 estimators (:func:`f2sa_grad`, :func:`penalty_grad`) behind the same call shape.
@@ -37,9 +39,21 @@ from ._operator import (
     LinearOperator,
     MatrixOperator,
 )
+from ._precision import CastOperator, autocast_objective, low_precision
 from ._preconditioner import NystromPreconditioner
+from ._recycler import KrylovRecycler
 from ._solution import Result, Solution, SolveStats
-from ._solver import CG, GMRES, MINRES, Identity, LayerwiseCG, Neumann, Solver
+from ._solver import (
+    CG,
+    GMRES,
+    MINRES,
+    Identity,
+    LayerwiseCG,
+    Neumann,
+    RecycledCG,
+    Refinement,
+    Solver,
+)
 from ._tree import Tree
 from ._unrolled import unrolled_grad
 from .distributed import DistributedOperator, all_reduce_mean
@@ -50,6 +64,7 @@ __all__ = [
     "CG",
     "GMRES",
     "MINRES",
+    "CastOperator",
     "DampedOperator",
     "DistributedOperator",
     "EstimatorSettingError",
@@ -62,6 +77,7 @@ __all__ = [
     "ImplicitStats",
     "IndefiniteSketchError",
     "InnerDependenceError",
+    "KrylovRecycler",
     "LayerwiseCG",
     "LinearOperator",
     "MatrixOperator",
@@ -72,6 +88,8 @@ __all__ = [
     "NystromRankWarning",
     "OperatorTagError",
     "PenaltySchedule",
+    "RecycledCG",
+    "Refinement",
     "Result",
     "Solution",
     "SolveFailureError",
@@ -86,6 +104,7 @@ __all__ = [
     "VJPGraph",
     "__version__",
     "all_reduce_mean",
+    "autocast_objective",
     "custom_root",
     "darts_grad",
     "f2sa_grad",
@@ -95,6 +114,7 @@ __all__ = [
     "hvp",
     "hvp_batched",
     "implicit_grad",
+    "low_precision",
     "mixed_vjp",
     "module_buffers",
     "module_params",

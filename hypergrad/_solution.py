@@ -53,7 +53,8 @@ class Result(enum.Enum):
     DIVERGED = (
         "diverged: the residual grew (||b - A x|| > ||b - A x0||), so the series/iteration does not "
         "contract; raising maxiter will not help. Lower Neumann's alpha below 2 / lambda_max(A), add "
-        "damping, or use CG (symmetric positive definite) / GMRES"
+        "damping, or use CG (symmetric positive definite) / GMRES; for Refinement, make the inner solve "
+        "more accurate or its inner operator closer to A"
     )
     NONFINITE = (
         "non-finite values (NaN/inf) in the right-hand side or an operator product; check the "
@@ -79,7 +80,8 @@ class SolveStats:
     Attributes:
         solver: the solver's name.
         iterations: iterations run.
-        num_hvp: operator products applied (a batched product of k tangents counts k).
+        num_hvp: products with the operator passed to ``solve`` (a batched product of k tangents
+            counts k).
         residual_norm: final ``||b - A x||`` (the solver's recurrence; exact up to rounding).
         rhs_norm: ``||b||``.
         residual_history: residual norms, shape ``(iterations + 1, ...)``, starting at ``x0``.
@@ -100,6 +102,9 @@ class SolveStats:
             with one product after the loop (every solve with a tolerance does this),
             ``"recurrence"`` when it is the solver's recurrence (fixed-iteration solves: equal
             to the truth up to rounding unless ``singular``), ``"none"`` when unchecked.
+        inner_hvp: products with a second, cheaper operator (:class:`hypergrad.Refinement`'s
+            ``inner_operator``: low precision or a sub-batch), counted apart from ``num_hvp``
+            because they cost less; 0 for solvers that use only the solve's operator.
     """
 
     solver: str
@@ -117,6 +122,7 @@ class SolveStats:
     inaccurate: Tensor | None = None
     checked: bool = True
     residual_source: str = "recurrence"
+    inner_hvp: int = 0
 
     @property
     def converged(self) -> Tensor:
@@ -156,6 +162,7 @@ class SolveStats:
             "result": self.result.name,
             "iterations": self.iterations,
             "num_hvp": self.num_hvp,
+            "inner_hvp": self.inner_hvp,
             "residual_norm": self.residual_norm.tolist(),
             "relative_residual": self.relative_residual.tolist(),
             "min_curvature": None if self.min_curvature is None else self.min_curvature.tolist(),
@@ -165,7 +172,7 @@ class SolveStats:
 
 _STATS_TENSORS = ("residual_norm", "rhs_norm", "residual_history", "threshold", "breakdown", "nonfinite",
                   "min_curvature", "singular", "diverged", "inaccurate")
-_STATS_STATIC = ("solver", "iterations", "num_hvp", "checked", "residual_source")
+_STATS_STATIC = ("solver", "iterations", "num_hvp", "checked", "residual_source", "inner_hvp")
 
 
 def _flatten_stats(stats: SolveStats) -> tuple[list[Any], tuple[Any, ...]]:

@@ -218,7 +218,9 @@ class EvalConfig(_Section):
     topk: tuple[int, ...] = Field((1, 5), description="top-k accuracies reported")
 
 
-SolverName = Literal["cg", "layerwise_cg", "minres", "neumann", "nystrom_pcg", "identity"]
+SolverName = Literal["cg", "layerwise_cg", "minres", "neumann", "nystrom_pcg", "identity",
+                     "mixed_refinement", "subsampled_refinement", "recycled_cg"]
+REFINEMENT_SOLVERS = ("mixed_refinement", "subsampled_refinement")
 
 
 class BiSSLConfig(_Section):
@@ -247,11 +249,16 @@ class BiSSLConfig(_Section):
     upper_weight_decay: float = Field(0.01, ge=0.0, description="SGD weight decay of the upper steps (reference: 0.01)")
     upper_final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine end point of the upper schedule, as a fraction of upper_lr")
     upper_grad_clip: float | None = Field(10.0, gt=0.0, description="gradient-norm clipping of the upper steps (backbone + head; reference: 10)")
-    solver: SolverName = Field("cg", description="IHVP solver: cg (default), layerwise_cg (reference), minres, neumann, nystrom_pcg (CG preconditioned with a Nystrom sketch of H), identity (x = v: the ablation)")
+    solver: SolverName = Field("cg", description="IHVP solver: cg (default), layerwise_cg (reference), minres, neumann, nystrom_pcg (CG preconditioned with a Nystrom sketch of H), identity (x = v: the ablation), mixed_refinement (iterative refinement: CG corrections with low-precision HVPs, float32 residuals), subsampled_refinement (the same with the Hessian of a sub-batch as the corrections' operator), recycled_cg (CG from a Galerkin guess recycled from the alternation's earlier solves)")
     solver_iterations: int = Field(5, ge=0, description="solver iterations per upper step (reference: 5); each costs one HVP")
     solver_tol: float = Field(0.0, ge=0.0, description="relative residual tolerance; 0 runs exactly solver_iterations with no host synchronisation")
     nystrom_rank: int = Field(8, ge=1, description="sketch size of nystrom_pcg (HVPs spent once per alternation)")
     neumann_alpha: float = Field(1.0, gt=0.0, description="step size of the neumann solver (needs alpha < 2 / lambda_max of the damped operator)")
+    refine_inner_iterations: list[int] = Field([2, 2], min_length=1, description="mixed_refinement / subsampled_refinement: inner CG iterations of each correction, one entry per correction (0: the product-free correction x += r); one full-precision HVP computes the residual between corrections, none after the last (solver_iterations is not used; solver_tol > 0 checks every correction's true residual)")
+    refine_precision: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="mixed_refinement / subsampled_refinement: precision of the corrections' HVPs (torch.autocast; float16 is for GPUs)")
+    refine_inner_pairs: int | None = Field(None, ge=1, description="subsampled_refinement: pretext pairs of the Hessian batch in the corrections' operator; None = half the Hessian batch")
+    recycle_capacity: int = Field(32, ge=1, description="recycled_cg: search directions kept from the alternation's earlier solves (memory: 2 x capacity x backbone size)")
+    recycle_deflate: bool = Field(False, description="recycled_cg: also precondition with the recycled basis (deflation; 2 passes over it per iteration)")
     hessian_batch_size: int | None = Field(None, ge=2, description="pretext pairs in the Hessian batch drawn once per alternation; None = lower_batch_size (reference)")
     reuse_graph: bool = Field(True, description="build the pretext gradient graph once per alternation and reuse it for every HVP; false rebuilds it per HVP as the reference")
     warm_start: bool = Field(False, description="start each solve from the previous upper step's solution (one extra HVP)")
@@ -266,6 +273,9 @@ class BiSSLConfig(_Section):
         if self.solver == "identity" and self.warm_start:
             raise ValueError("bissl.warm_start: true has no effect with bissl.solver=identity. "
                              "Fix: --set bissl.warm_start=false")
+        if any(k < 0 for k in self.refine_inner_iterations):
+            raise ValueError(f"bissl.refine_inner_iterations: {self.refine_inner_iterations} has a negative entry. "
+                             "Fix: --set bissl.refine_inner_iterations=[2,2]")
         if self.solver != "identity" and self.solver_iterations == 0:
             raise ValueError(f"bissl.solver_iterations: 0 with bissl.solver={self.solver!r} returns x = 0. "
                              "Fix: --set bissl.solver_iterations=5, or bissl.solver=identity for x = v")

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (times with CUDA events there)")
     run.add_argument("--seeds", type=int, nargs="*", help="override the mode's seeds")
     run.add_argument("--contenders", nargs="*", help="only these contenders (names as in the JSON)")
+    run.add_argument("--rounds", type=int, help="timed rounds per contender (interleaved, reversed every other "
+                                                "round; default: the mode's)")
     run.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/alternation-MODE.json)")
     run.add_argument("--sections", nargs="*", default=["alternation", "overhead", "peers"],
                      choices=["alternation", "overhead", "peers"], help="what to measure (default: all)")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is visible to torch")
     out = args.out or RESULTS / f"alternation-{args.mode}.json"
     result = run_mode(args.mode, device, tuple(args.seeds) if args.seeds else None, args.contenders,
-                      tuple(args.sections))
+                      tuple(args.sections), args.rounds)
     if args.append and out.exists():
         result = merge(json.loads(out.read_text()), result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ from torch import Tensor
 
 import hypergrad as hg
 
-from .._common import ravel, unravel
 from .reference import CountingProduct, layerwise_cg
 from .workload import Alternation, Params, pretext_loss
 
@@ -110,97 +109,6 @@ class CountingOperator(hg.LinearOperator):
         return self.base.matmat(X)
 
 
-class CastOperator(hg.LinearOperator):
-    """Products computed in ``compute_dtype`` (e.g. bfloat16), returned in the tangent's dtype."""
-
-    def __init__(self, base: hg.LinearOperator, compute_dtype: torch.dtype) -> None:
-        self.base, self.compute_dtype = base, compute_dtype
-        self.symmetric, self.positive_definite = base.symmetric, base.positive_definite
-
-    def mv(self, x: hg.Tree) -> hg.Tree:
-        out = self.base.mv({k: v.to(self.compute_dtype) for k, v in x.items()})
-        return {k: out[k].to(v.dtype) for k, v in x.items()}
-
-    def matmat(self, X: hg.Tree) -> hg.Tree:
-        out = self.base.matmat({k: v.to(self.compute_dtype) for k, v in X.items()})
-        return {k: out[k].to(v.dtype) for k, v in X.items()}
-
-
-class RecordingOperator(hg.LinearOperator):
-    """Keeps the last ``capacity`` pairs ``(u, A u)`` of the products it computes (flattened)."""
-
-    def __init__(self, base: hg.LinearOperator, capacity: int) -> None:
-        self.base, self.capacity = base, capacity
-        self.symmetric, self.positive_definite = base.symmetric, base.positive_definite
-        self.inputs: list[Tensor] = []
-        self.outputs: list[Tensor] = []
-
-    def mv(self, x: hg.Tree) -> hg.Tree:
-        return {k: v[0] for k, v in self.matmat({k: v.unsqueeze(0) for k, v in x.items()}).items()}
-
-    def matmat(self, X: hg.Tree) -> hg.Tree:
-        AX = self.base.matmat(X)
-        keys = list(X)
-        self.inputs += list(torch.cat([X[k].flatten(1) for k in keys], dim=1))
-        self.outputs += list(torch.cat([AX[k].flatten(1) for k in keys], dim=1))
-        self.inputs, self.outputs = self.inputs[-self.capacity :], self.outputs[-self.capacity :]
-        return AX
-
-
-def gram(X: Tensor, Y: Tensor, chunk: int = 1 << 20) -> Tensor:
-    """``X @ Y.T`` accumulated in float64 over column chunks (no float64 copy of X or Y)."""
-    out = torch.zeros(X.shape[0], Y.shape[0], dtype=torch.float64, device=X.device)
-    for i in range(0, X.shape[1], chunk):
-        out += X[:, i : i + chunk].double() @ Y[:, i : i + chunk].double().T
-    return out
-
-
-class RecycledSpace:
-    r"""An orthonormal basis ``W`` of recycled directions with ``AW`` and ``E = W^T A W``.
-
-    Built from stored pairs ``(u_i, A u_i)``: the Gram matrix of the ``u_i`` is
-    eigendecomposed and directions with eigenvalue below ``rcond`` times the largest are
-    dropped (directions of different solves can be nearly dependent), so ``W = U^T V
-    \Lambda^{-1/2}`` and ``AW`` follows from the stored products without a new one.
-    """
-
-    def __init__(self, U: Tensor, AU: Tensor, rcond: float = 1e-6) -> None:
-        G = gram(U, U)
-        lam, vec = torch.linalg.eigh((G + G.T) / 2)
-        keep = lam > rcond * lam.max()
-        T = (vec[:, keep] / lam[keep].sqrt()).to(U.dtype)  # (m, r)
-        self.W, self.AW = T.T @ U, T.T @ AU  # (r, n)
-        E = gram(self.W, self.AW)
-        e_val, e_vec = torch.linalg.eigh((E + E.T) / 2)
-        good = e_val > rcond * e_val.abs().max()  # drop directions of non-positive curvature
-        self.e_vec, self.e_val = e_vec[:, good].to(U.dtype), e_val[good].to(U.dtype)
-        self.size = int(good.sum())
-
-    def _e_inv(self, coeff: Tensor) -> Tensor:
-        return ((coeff @ self.e_vec) / self.e_val) @ self.e_vec.T
-
-    def galerkin(self, b: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``x0 = W E^{-1} W^T b`` (the A-norm-best guess in span W) and ``A x0``, no product."""
-        y = self._e_inv(self.W @ b)
-        return y @ self.W, y @ self.AW
-
-    def preconditioner(self, like: Mapping[str, Tensor]) -> Callable[[hg.Tree], hg.Tree]:
-        r"""The two-level map :math:`M^{-1} = (I - W W^\top) + W E^{-1} W^\top` (SPD).
-
-        On an invariant subspace ``span W`` it sends those eigenvalues of ``M^{-1}A`` to 1
-        (deflation) and leaves the rest of the spectrum alone.
-        """
-
-        def apply(R: hg.Tree) -> hg.Tree:
-            flat = torch.cat([R[k].flatten(1) for k in like], dim=1)  # (k, n)
-            coeff = flat @ self.W.T  # (k, r)
-            out = flat + (self._e_inv(coeff) - coeff) @ self.W
-            parts = torch.split(out, [t.numel() for t in like.values()], dim=1)
-            return {k: p.reshape(-1, *t.shape) for (k, t), p in zip(like.items(), parts, strict=True)}
-
-        return apply
-
-
 # ---------------------------------------------------------------------------------------------
 # The contenders
 
@@ -263,13 +171,16 @@ def cg_subsampled(w: Alternation, clock: Clock, iterations: int) -> tuple[Record
     return _plain(w, clock, iterations, hg.CG, H=_hessian(w, w.f_sub), on_breakdown="continue")
 
 
-def _bf16_hessian(w: Alternation) -> CountingOperator:
-    """H with products in bfloat16 (model, batch and tangents), results cast back."""
+def _bf16_hessian(w: Alternation, pairs: int | None = None) -> CountingOperator:
+    """H with products in bfloat16 (a bfloat16 copy of model and batch), through ``hg.CastOperator``.
+
+    ``pairs``: only the first ``pairs`` pairs of the Hessian batch (the sub-batch levers).
+    """
     backbone = copy.deepcopy(w.backbone).to(torch.bfloat16)
     projector = copy.deepcopy(w.projector).to(torch.bfloat16)
-    f16 = pretext_loss(backbone, projector, *(x.to(torch.bfloat16) for x in w.views))
+    f16 = pretext_loss(backbone, projector, *(x[:pairs].to(torch.bfloat16) for x in w.views))
     params16 = {k: t.to(torch.bfloat16) for k, t in w.params.items()}
-    return CountingOperator(CastOperator(hg.HessianOperator(f16, params16, reuse_graph=True), torch.bfloat16))
+    return CountingOperator(hg.CastOperator(hg.HessianOperator(f16, params16, reuse_graph=True), torch.bfloat16))
 
 
 def cg_bf16(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
@@ -318,52 +229,133 @@ def cg_warm(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, di
     return rec, _stats(stats)
 
 
+class TimedRecycler(hg.KrylovRecycler):
+    """The library's recycler with its vector work timed (the deflation map's applications too)."""
+
+    def __init__(self, clock: Clock, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock, self.seconds, self.calls = clock, 0.0, 0
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        start = self.clock.mark()
+        out = fn(*args)
+        self.seconds += self.clock.seconds(start, self.clock.mark())
+        self.calls += 1
+        return out
+
+    def add(self, W: hg.Tree, AW: hg.Tree) -> None:
+        self._timed(super().add, W, AW)
+
+    def galerkin(self, B: hg.Tree) -> tuple[hg.Tree, hg.Tree]:
+        out: tuple[hg.Tree, hg.Tree] = self._timed(super().galerkin, B)
+        return out
+
+    def preconditioner(self) -> Callable[[hg.Tree], hg.Tree]:
+        apply = super().preconditioner()
+        return lambda R: self._timed(apply, R)
+
+
 def _recycling(w: Alternation, clock: Clock, iterations: int, deflate: bool, capacity: int,
                H: CountingOperator | None = None) -> tuple[Recorder, dict[str, Any]]:
+    """``hg.RecycledCG`` with one ``hg.KrylovRecycler`` per alternation (the operator is fixed)."""
     H = H or _hessian(w)
-    A = RecordingOperator(_damped(H, w.c), capacity)
+    A = _damped(H, w.c)
     rec = Recorder(clock, lambda: H.n)
+    recycler = TimedRecycler(clock, w.params, capacity)
+    solver = hg.RecycledCG(recycler=recycler, maxiter=iterations, tol=0.0, on_breakdown="continue", deflate=deflate)
     stats, sizes = [], []
     for v in w.rhs:
         rec.rhs_begin()
-        b = ravel(v)
-        solver = hg.CG(maxiter=iterations, tol=0.0, on_breakdown="continue")
-        if A.inputs:
-            space = RecycledSpace(torch.stack(A.inputs), torch.stack(A.outputs))
-            x0, ax0 = space.galerkin(b)
-            if deflate:
-                solver = hg.CG(maxiter=iterations, tol=0.0, on_breakdown="continue",
-                               preconditioner=space.preconditioner(v))
-            sizes.append(space.size)
-        else:
-            x0, ax0 = torch.zeros_like(b), torch.zeros_like(b)
-            sizes.append(0)
-        shift = unravel(x0, v)
-        sol = solver.solve(A, unravel(b - ax0, v),
-                           callback=lambda k, e, shift=shift: rec.iterate(k, e, shift))
-        stats.append(sol.stats)
-    return rec, {**_stats(stats), "recycled_directions": sizes}
+        sizes.append(recycler.filled)
+        stats.append(solver.solve(A, v, callback=rec.iterate).stats)
+    solves = len(w.rhs)
+    return rec, {**_stats(stats), "recycled_directions": sizes, "capacity": capacity,
+                 "vector_seconds_per_solve": recycler.seconds / solves,
+                 "vector_calls_per_solve": recycler.calls / solves}
 
 
 def cg_recycled(w: Alternation, clock: Clock, iterations: int, capacity: int = 32) -> tuple[Recorder, dict[str, Any]]:
-    """CG from the Galerkin guess in the span of earlier solves' directions (no extra product).
+    """hg.RecycledCG: CG from the Galerkin guess in the span of earlier solves' directions.
 
-    The Hessian is fixed within the alternation, so the products ``(u, A u)`` of earlier solves
-    are kept (the last ``capacity``); for ``v`` the guess ``x0`` minimises the A-norm error over
-    their span, ``A x0`` comes from the stored products, and CG solves ``A e = v - A x0`` from
-    zero: ``x = x0 + e``.
+    The Hessian is fixed within the alternation, so a ``KrylovRecycler`` keeps an incrementally
+    orthonormalised basis of the earlier solves' search directions with their products (the last
+    ``capacity``); the guess minimises the A-norm error over their span at no product. The JSON's
+    ``vector_seconds_per_solve`` is the recycler's vector work (to compare with one product).
     """
     return _recycling(w, clock, iterations, False, capacity)
 
 
 def cg_deflated(w: Alternation, clock: Clock, iterations: int, capacity: int = 32) -> tuple[Recorder, dict[str, Any]]:
-    """Recycling as above, plus the recycled space as a two-level (deflation) preconditioner."""
+    """hg.RecycledCG(deflate=True): the recycled guess plus the deflation preconditioner."""
     return _recycling(w, clock, iterations, True, capacity)
 
 
 def cg_deflated_bf16(w: Alternation, clock: Clock, iterations: int, capacity: int = 32) -> tuple[Recorder, dict[str, Any]]:
-    """Recycling and deflation with bfloat16 products (the stored pairs are bfloat16 products too)."""
+    """Recycling and deflation with bfloat16 products (the recycled pairs are bfloat16 products too)."""
     return _recycling(w, clock, iterations, True, capacity, H=_bf16_hessian(w))
+
+
+# Refinement (issue 20, levers 1 and 2): per budget J corrections; no residual after the last one.
+
+
+def _refinement(w: Alternation, clock: Clock, corrections: int, inner: hg.Solver | tuple[hg.Solver, ...],
+                H_inner: CountingOperator | None, low_precision: bool = False) -> tuple[Recorder, dict[str, Any]]:
+    """``hg.Refinement``: float32 residuals with the full Hessian, corrections with ``H_inner``.
+
+    ``H_inner=None`` with ``low_precision`` uses ``hg.low_precision`` (autocast) of the damped
+    operator, as the BiSSL stage does. Products of both kinds are counted (the curve's
+    ``products`` is their sum; the split is in ``extra``).
+    """
+    H = _hessian(w)
+    A = _damped(H, w.c)
+    if H_inner is None:
+        H_inner = CountingOperator(hg.low_precision(H.base)) if low_precision else _hessian(w)
+    M = _damped(H_inner, w.c)
+    rec = Recorder(clock, lambda: H.n + H_inner.n)
+    solver = hg.Refinement(inner=inner, inner_operator=M, maxiter=corrections, tol=0.0, true_residual=False,
+                           on_breakdown="continue")
+    stats = []
+    for v in w.rhs:
+        rec.rhs_begin()
+        stats.append(solver.solve(A, v, callback=rec.iterate).stats)
+    solves = len(w.rhs)
+    return rec, {**_stats(stats), "corrections": corrections,
+                 "full_products_per_solve": sum(s.num_hvp for s in stats) / solves,
+                 "inner_products_per_solve": sum(s.inner_hvp for s in stats) / solves}
+
+
+def _cg(k: int) -> hg.CG:
+    return hg.CG(maxiter=k, tol=0.0, on_breakdown="continue")
+
+
+def refine_bf16_cg2(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
+    """Mixed precision: each correction 2 CG iterations with bfloat16 products (model copy)."""
+    return _refinement(w, clock, iterations, _cg(2), _bf16_hessian(w))
+
+
+def refine_bf16_cg3(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
+    """Mixed precision: each correction 3 CG iterations with bfloat16 products (model copy)."""
+    return _refinement(w, clock, iterations, _cg(3), _bf16_hessian(w))
+
+
+def refine_bf16_cg2_identity(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
+    """2 bfloat16 CG iterations, then corrections d = r (no product): the issue's 3.4x estimate."""
+    return _refinement(w, clock, iterations, (_cg(2), hg.Identity()), _bf16_hessian(w))
+
+
+def refine_autocast_cg2(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
+    """As refine-bf16-cg2 with ``hg.low_precision`` (torch.autocast) products: the BiSSL stage's lever."""
+    return _refinement(w, clock, iterations, _cg(2), None, low_precision=True)
+
+
+def refine_sub_cg2(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
+    """A cheap operator: corrections with 2 CG iterations on half the Hessian batch (float32)."""
+    return _refinement(w, clock, iterations, _cg(2), _hessian(w, w.f_sub))
+
+
+def refine_sub_bf16_cg2(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
+    """A cheap operator: corrections with 2 CG iterations on half the Hessian batch in bfloat16."""
+    return _refinement(w, clock, iterations, _cg(2), _bf16_hessian(w, pairs=max(1, w.views[0].shape[0] // 2)))
 
 
 def identity(w: Alternation, clock: Clock, iterations: int) -> tuple[Recorder, dict[str, Any]]:
@@ -391,9 +383,18 @@ CONTENDERS = [
     Contender("cg-warm", "hypergrad CG, warm start", cg_warm, True),
     Contender("nystrom-pcg", "hypergrad Nystrom PCG (sketch once per alternation)", nystrom_pcg, False),
     Contender("cg-subsampled", "hypergrad CG, half the Hessian batch", cg_subsampled, False),
-    Contender("cg-recycled", "hypergrad CG from a recycled Galerkin guess", cg_recycled, True),
-    Contender("cg-deflated", "hypergrad CG, recycled guess + deflation preconditioner", cg_deflated, True),
+    Contender("cg-recycled", "hypergrad RecycledCG (Galerkin guess from a KrylovRecycler)", cg_recycled, True),
+    Contender("cg-deflated", "hypergrad RecycledCG, recycled guess + deflation preconditioner", cg_deflated, True),
     Contender("cg-bf16", "hypergrad CG, products in bfloat16", cg_bf16, False),
     Contender("cg-deflated-bf16", "hypergrad CG, recycled + deflated, bfloat16 products", cg_deflated_bf16, True),
+    Contender("refine-bf16-cg2", "hypergrad Refinement, corrections: 2 CG iterations in bfloat16", refine_bf16_cg2, True),
+    Contender("refine-bf16-cg3", "hypergrad Refinement, corrections: 3 CG iterations in bfloat16", refine_bf16_cg3, True),
+    Contender("refine-bf16-cg2-id", "hypergrad Refinement, 2 bfloat16 CG iterations then d = r",
+              refine_bf16_cg2_identity, True),
+    Contender("refine-autocast-cg2", "hypergrad Refinement, 2 CG iterations with low_precision (autocast)",
+              refine_autocast_cg2, True),
+    Contender("refine-sub-cg2", "hypergrad Refinement, 2 CG iterations on half the Hessian batch", refine_sub_cg2, True),
+    Contender("refine-sub-bf16-cg2", "hypergrad Refinement, 2 CG iterations on half the batch in bfloat16",
+              refine_sub_bf16_cg2, True),
     Contender("identity", "x = v (no solve)", identity, False),
 ]

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -280,9 +280,9 @@ def versions() -> dict[str, str]:
 
 
 def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = None,
-             names: list[str] | None = None, sections: tuple[str, ...] = ("alternation", "overhead", "peers")
-             ) -> dict[str, Any]:
-    mode = MODES[name]
+             names: list[str] | None = None, sections: tuple[str, ...] = ("alternation", "overhead", "peers"),
+             rounds: int | None = None) -> dict[str, Any]:
+    mode = MODES[name] if rounds is None else replace(MODES[name], rounds=rounds)
     seeds = mode.seeds if seeds is None else seeds
     clock = Clock(device)
     log(f"mode {name}: {mode.sizes.arch}, {mode.sizes.pairs} pairs, {mode.sizes.rhs} right-hand sides, "

@@ -117,7 +117,10 @@ def pretrained_models(sizes: Sizes, device: torch.device) -> tuple[nn.Module, nn
     SGD with momentum 0.9 (lr 0.05, weight decay 1e-6: the reference's LARS is SGD-like) on
     NT-Xent (tau 0.5), batches of ``pretrain_pairs`` pairs, both views through separate forward
     passes, BN in train mode, float32. (Adam was tried first: after 500 steps on the narrow net
-    the damped operator was still indefinite, min curvature -0.14, where SGD gave +1.08.) The
+    the damped operator was still indefinite, min curvature -0.14 in an exploratory run that no
+    JSON records. With SGD, the quick mode's committed truth solves see a smallest curvature
+    d.Ad/d.d of 0.947, over 20 CG iterations per right-hand side: see ``benchmarks/results/
+    alternation-quick.json``, ``seeds[0].truth.solves[*].min_curvature``.) The
     result is cached on disk (atomic write, loaded with ``weights_only=True``) keyed by the
     settings, so repeated runs reuse it.
     """

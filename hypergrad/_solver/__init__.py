@@ -7,5 +7,7 @@ from .identity import Identity
 from .layerwise_cg import LayerwiseCG
 from .minres import MINRES
 from .neumann import Neumann
+from .recycled_cg import RecycledCG
+from .refinement import Refinement
 
-__all__ = ["CG", "GMRES", "MINRES", "Identity", "LayerwiseCG", "Neumann", "Solver"]
+__all__ = ["CG", "GMRES", "MINRES", "Identity", "LayerwiseCG", "Neumann", "RecycledCG", "Refinement", "Solver"]

@@ -55,6 +55,7 @@ class Monitor:
         self.max_curvature: Tensor | None = None
         self.true_residual: Tensor | None = None
         self.num_hvp = num_hvp
+        self.inner_hvp = 0  # products with a second, cheaper operator (Refinement)
         self.iterations = 0
         self.eps = leaf_eps(B)
 
@@ -150,6 +151,7 @@ class Monitor:
             inaccurate=self.inaccurate,
             checked=checked,
             residual_source=source,
+            inner_hvp=self.inner_hvp,
         )
 
 
@@ -341,6 +343,7 @@ def _unbatch_stats(stats: SolveStats) -> SolveStats:
         inaccurate=None if stats.inaccurate is None else stats.inaccurate[0],
         checked=stats.checked,
         residual_source=stats.residual_source,
+        inner_hvp=stats.inner_hvp,
     )
 
 

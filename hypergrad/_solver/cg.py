@@ -55,7 +55,14 @@ class CG(Solver):
                callback: Callback | None = None) -> tuple[Tree, SolveStats]:
         X, R, used = initial_residual(operator, B, X0)
         monitor = Monitor(self, B, R, num_hvp=used, callback=callback)
-        precondition = self.preconditioner or (lambda r: r)
+        X = self._iterate(operator, X, R, monitor, self.preconditioner)
+        monitor.finish(operator, B, X)
+        return X, monitor.stats()
+
+    def _iterate(self, operator: LinearOperator, X: Tree, R: Tree, monitor: Monitor,
+                 preconditioner: Callable[[Tree], Tree] | None) -> Tree:
+        """Up to ``maxiter`` CG iterations from the iterate ``X`` with residual ``R = B - A X``."""
+        precondition = preconditioner or (lambda r: r)
         Z = precondition(R)
         D = Z
         rz = tree_batch_dot(R, Z)
@@ -88,5 +95,4 @@ class CG(Solver):
                 rz = rz_new
             if monitor.step(tree_batch_norm(R), X):
                 break
-        monitor.finish(operator, B, X)
-        return X, monitor.stats()
+        return X

@@ -47,7 +47,7 @@ from tqdm import tqdm
 import hypergrad
 from bissl.augment import TwoViewDataset, normalization_stats, simclr_views
 from bissl.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from bissl.config import BiSSLConfig, RunConfig
+from bissl.config import REFINEMENT_SOLVERS, BiSSLConfig, RunConfig
 from bissl.data import DatasetSpec
 from bissl.distributed import DistInfo, average_gradients, barrier, epoch_batches, on_main
 from bissl.models import Classifier
@@ -221,6 +221,8 @@ def build_system(state: BiSSLState, hessian_loss: PretextLoss, batch: PretextBat
     operator: hypergrad.LinearOperator = hypergrad.DampedOperator.bissl_system(hessian, b.lam, b.delta)
     if info.distributed:
         operator = hypergrad.DistributedOperator(operator)
+    if b.solver in (*REFINEMENT_SOLVERS, "recycled_cg"):
+        return LinearSystem(operator, lever_solver(b, operator, hessian_loss, batch, theta_p, info))
     if b.solver != "nystrom_pcg":
         return LinearSystem(operator, make_solver(b))
     # Sketch the damped operator itself (positive definite at a trained backbone; H alone is not).
@@ -228,10 +230,40 @@ def build_system(state: BiSSLState, hessian_loss: PretextLoss, batch: PretextBat
     return LinearSystem(operator, make_solver(b, pre), setup_hvp=pre.num_hvp)
 
 
+def lever_solver(b: BiSSLConfig, operator: hypergrad.LinearOperator, hessian_loss: PretextLoss,
+                 batch: PretextBatch, theta_p: hypergrad.Tree, info: DistInfo) -> hypergrad.Solver:
+    """The solvers of issue 20, built once per alternation for its fixed operator.
+
+    ``recycled_cg``: CG with a fresh :class:`hypergrad.KrylovRecycler` (the upper steps share the
+    operator). ``mixed_refinement`` / ``subsampled_refinement``: :class:`hypergrad.Refinement` whose
+    corrections use the damped operator of the whole (or of a sub-) Hessian batch, with products in
+    ``refine_precision`` (:func:`hypergrad.low_precision`), and whose residuals use ``operator``.
+    """
+    tol, checks = b.solver_tol, (1 if b.solver_tol > 0 else None)
+    if b.solver == "recycled_cg":
+        return hypergrad.RecycledCG(maxiter=b.solver_iterations, tol=tol, check_every=checks,
+                                    recycler=hypergrad.KrylovRecycler(theta_p, b.recycle_capacity),
+                                    deflate=b.recycle_deflate)
+    inner_operator = operator
+    if b.solver == "subsampled_refinement":
+        pairs = b.refine_inner_pairs or max(1, batch[0].shape[0] // 2)
+        sub = (batch[0][:pairs], batch[1][:pairs])
+        hessian = hypergrad.HessianOperator(lambda p: hessian_loss(p, sub), theta_p, reuse_graph=b.reuse_graph)
+        inner_operator = hypergrad.DampedOperator.bissl_system(hessian, b.lam, b.delta)
+        if info.distributed:
+            inner_operator = hypergrad.DistributedOperator(inner_operator)
+    if b.refine_precision != "float32":
+        inner_operator = hypergrad.low_precision(inner_operator, getattr(torch, b.refine_precision))
+    inner = tuple(hypergrad.CG(maxiter=k, tol=0.0) if k > 0 else hypergrad.Identity()
+                  for k in b.refine_inner_iterations)
+    return hypergrad.Refinement(inner=inner, inner_operator=inner_operator, maxiter=len(inner), tol=tol,
+                                check_every=checks, true_residual=False)
+
+
 def solve_record(stats: hypergrad.SolveStats) -> dict[str, float]:
     """The scalars of one solve for the metrics log (synchronises once)."""
     rel = stats.relative_residual
-    return {"solve_iterations": stats.iterations, "solve_num_hvp": stats.num_hvp,
+    return {"solve_iterations": stats.iterations, "solve_num_hvp": stats.num_hvp, "solve_inner_hvp": stats.inner_hvp,
             "solve_residual": float(stats.residual_norm), "solve_rel_residual": float(rel),
             "solve_breakdown": float(bool(stats.breakdown)), "solve_nonfinite": float(bool(stats.nonfinite)),
             "solve_min_curvature": float("nan") if stats.min_curvature is None else float(stats.min_curvature),
@@ -256,7 +288,7 @@ def upper_step(state: BiSSLState, system: LinearSystem, batch: tuple[Tensor, Ten
     x0 = state.previous_solution if warm_start else None
     solution = system.solver.solve(system.operator, v, x0)
     record = {"loss_lower_model": loss_p.item(), **solve_record(solution.stats)}
-    state.num_hvp += solution.stats.num_hvp
+    state.num_hvp += solution.stats.num_hvp + solution.stats.inner_hvp  # inner: cheaper (Refinement's)
     bad = bool(solution.stats.nonfinite) or (bool(solution.stats.breakdown) and system.solver.freezes_on_breakdown)
     if bad:
         state.skipped += 1

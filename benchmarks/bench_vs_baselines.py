@@ -19,7 +19,7 @@ cross-entropy gradient gives v. Everyone runs 5 CG iterations from zero.
 Accuracy is measured against hypergrad CG run to 40 iterations (float32: errors below ~1e-6
 are rounding). Times are medians of interleaved rounds in one process; report the ratios.
 
-Run: ``python -m pytest benchmarks/test_vs_baselines.py --benchmark-enable -s``.
+Run: ``python -m pytest benchmarks/bench_vs_baselines.py --benchmark-enable -s``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ eager on the autograd backend (the default outside transforms), eager on the ``t
 backend, and ``torch.compile(fullgraph=True)`` (inductor). The one-off compile time is reported
 separately.
 
-Run: ``python -m pytest benchmarks/test_func_transforms.py --benchmark-enable -s``.
+Run: ``python -m pytest benchmarks/bench_func_transforms.py --benchmark-enable -s``.
 """
 
 from __future__ import annotations

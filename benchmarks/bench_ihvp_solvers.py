@@ -13,7 +13,7 @@ Problems:
 The dense problems are trees of 4 leaves so that the layerwise CG of the BiSSL code differs
 from CG there too. Every solve runs a fixed number of iterations (``tol = 0``), as BiSSL does.
 
-Run: ``python -m pytest benchmarks/test_ihvp_solvers.py --benchmark-enable -s``.
+Run: ``python -m pytest benchmarks/bench_ihvp_solvers.py --benchmark-enable -s``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ way), reverse reusing one ``create_graph`` gradient graph, reverse batched over 
 (``is_grads_batched``), forward-over-reverse (``torch.func.jvp`` of ``grad``), ``vmap`` of
 forward-over-reverse over k tangents, and central finite differences of gradients.
 
-Run: ``python -m pytest benchmarks/test_hvp_methods.py --benchmark-enable -s``.
+Run: ``python -m pytest benchmarks/bench_hvp_methods.py --benchmark-enable -s``.
 """
 
 from __future__ import annotations
