@@ -204,23 +204,27 @@ def test_val_size_split_has_the_released_sizes_and_a_fixed_seed() -> None:
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 def test_downstream_interpolation(mode: str) -> None:
-    """digits 8 px -> Resize(18) -> CenterCrop(16), written with F.interpolate: antialiased kernels
-    in two separable passes (width, then height), each rounded and clamped to uint8, as
-    torchvision's uint8 path does; then normalised with the digits statistics."""
-    cfg = load_config("digits", [f"augment.downstream_interpolation={mode}"])
+    """digits 8 px. Test: Resize(18) -> CenterCrop(16); train with a crop of the whole image
+    (scale 1; no aspect ratio fits exactly, so torchvision falls back to the full image): a
+    resize to 16. Written with F.interpolate: antialiased kernels in two separable passes (width,
+    then height), each rounded and clamped to uint8, as torchvision's uint8 path does; then
+    normalised with the digits statistics."""
+    cfg = load_config("digits", [f"augment.downstream_interpolation={mode}", "augment.downstream_crop_scale=[1.0,1.0]",
+                                 "augment.aspect_ratio_quirk=false"])
     splits = load_splits(cfg, INFO)
-    image = splits.val[0][0]
-    got = downstream_datasets(cfg, splits)[2][0][0]
+    train, _, val, _ = downstream_datasets(cfg, splits)
 
-    def by_hand(kind: str) -> Tensor:
-        wide = F.interpolate(image[None].double(), size=(8, 18), mode=kind, align_corners=False, antialias=True)
-        up = F.interpolate(wide.round().clamp(0, 255), size=(18, 18), mode=kind, align_corners=False, antialias=True)
-        return ((up.round().clamp(0, 255)[0, :, 1:17, 1:17] / 255 - 0.3053) / 0.3759).float()
+    def by_hand(image: Tensor, kind: str, size: int, crop: int) -> Tensor:
+        wide = F.interpolate(image[None].double(), size=(8, size), mode=kind, align_corners=False, antialias=True)
+        up = F.interpolate(wide.round().clamp(0, 255), size=(size, size), mode=kind, align_corners=False, antialias=True)
+        up = up.round().clamp(0, 255)[0, :, crop:size - crop, crop:size - crop]
+        return ((up / 255 - 0.3053) / 0.3759).float()
 
     other = "bicubic" if mode == "bilinear" else "bilinear"
     tol = 1.01 / 255 / 0.3759  # one grey level
-    assert float((got - by_hand(mode)).abs().max()) <= tol
-    assert float((got - by_hand(other)).abs().max()) > 3 * tol  # the test tells the two apart
+    for got, image, size, crop in ((val[0][0], splits.val[0][0], 18, 1), (train[0][0], splits.train[0][0], 16, 0)):
+        assert float((got - by_hand(image, mode, size, crop)).abs().max()) <= tol
+        assert float((got - by_hand(image, other, size, crop)).abs().max()) > 3 * tol  # tells the two apart
 
 
 @pytest.mark.parametrize("upper_init", ["pretext", "warmup"])
