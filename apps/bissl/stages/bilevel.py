@@ -52,7 +52,7 @@ from bissl.augment import TwoViewDataset, normalization_stats, simclr_views
 from bissl.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from bissl.config import BiSSLConfig, RunConfig
 from bissl.data import DatasetSpec
-from bissl.distributed import DistInfo, average_gradients, barrier, epoch_batches, on_main
+from bissl.distributed import DistInfo, average_gradients, barrier, epoch_batches, on_main, resolve_device
 from bissl.models import Classifier
 from bissl.optim import LARS, lars_param_groups, warmup_cosine
 from bissl.pretext_loss import PretextBatch, PretextLoss, simclr_loss
@@ -641,39 +641,51 @@ def run_bissl(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *, se
 def dry_run(cfg: RunConfig, spec: DatasetSpec, *, batch: int, generator: torch.Generator) -> dict[str, float]:
     """One lower step and one upper step on random tensors with ``batch`` images per batch.
 
-    Returns the measured times and a projection of one alternation at the configured batch
-    sizes, scaling each part linearly in its batch size (a rough estimate on this machine).
+    Runs on ``cfg.device`` (``auto``: a GPU when one is visible). Returns the measured times, on
+    a GPU the peak device memory (``peak_memory_bytes``), and a projection of one alternation at
+    the configured batch sizes, scaling each part linearly in its batch size (a rough estimate on
+    this machine).
     """
-    b, s, info = cfg.bissl, cfg.data.image_size, DistInfo()
+    b, s = cfg.bissl, cfg.data.image_size
+    info = DistInfo(device=resolve_device(cfg.device))
+    cuda = info.device.type == "cuda"
     in_channels, num_classes = spec.in_channels, spec.num_classes
     net, upper = build_simclr(cfg, in_channels), new_classifier(cfg, spec)
     warmup = (net.backbone.state_dict(), upper.head.state_dict())  # stands in for the warm-up's parts
     state = initial_state(cfg, in_channels, upper, {"model": net.state_dict(), "backbone": net.backbone.state_dict()},
                           warmup, info.device)
     train_loss, hessian_loss = stage_losses(cfg, state.lower, gather=False)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(info.device)
 
     def images() -> Tensor:
-        return torch.randn(batch, in_channels, s, s, generator=generator)
+        return torch.randn(batch, in_channels, s, s, generator=generator).to(info.device)
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize(info.device)
+        return time.perf_counter()
 
     pairs = (images(), images())
-    down = (images(), torch.randint(0, num_classes, (batch,), generator=generator))
+    down = (images(), torch.randint(0, num_classes, (batch,), generator=generator).to(info.device))
     anchor = dict(state.upper.backbone.named_parameters())
     for _ in range(2):  # the first call pays one-off costs
-        t0 = time.perf_counter()
+        t0 = clock()
         rec_lower = lower_step(state.lower, state.lower_opt, state.lower_sched, train_loss, pairs, b, info,
                                anchor=anchor, lam=b.lam)
-    t_lower = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_lower = clock() - t0
+    t0 = clock()
     system = build_system(state, hessian_loss, pairs, b, info, generator=generator)
-    probe = {k: torch.randn(p.shape, generator=generator) for k, p in state.lower.backbone.named_parameters()}
+    probe = {k: torch.randn(p.shape, generator=generator).to(info.device)
+             for k, p in state.lower.backbone.named_parameters()}
     system.operator.mv(probe)  # builds the graph (reuse_graph) and one product
-    t_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_first = clock() - t0
+    t0 = clock()
     system.operator.mv(probe)
-    t_hvp = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_hvp = clock() - t0
+    t0 = clock()
     rec_upper = upper_step(state, system, down, b, info)
-    t_upper = time.perf_counter() - t0
+    t_upper = clock() - t0
     hvps = rec_upper["solve_num_hvp"]
     t_upper_grads = max(t_upper - hvps * t_hvp, 0.0)
     t_build = max(t_first - t_hvp, 0.0) + system.setup_hvp * t_hvp
@@ -683,6 +695,9 @@ def dry_run(cfg: RunConfig, spec: DatasetSpec, *, batch: int, generator: torch.G
     for key, value in (("lower loss", rec_lower["loss"]), ("upper loss", rec_upper["loss_lower_model"])):
         if not torch.isfinite(torch.tensor(value)):
             raise RuntimeError(f"BiSSL dry run: {key} is not finite ({value})")
-    return {"lower_step_s": t_lower, "hvp_s": t_hvp, "upper_step_s": t_upper, "graph_build_s": t_build,
-            "hvp_per_solve": hvps, "projected_alternation_s": projected,
-            "solve_rel_residual": rec_upper["solve_rel_residual"]}
+    out = {"lower_step_s": t_lower, "hvp_s": t_hvp, "upper_step_s": t_upper, "graph_build_s": t_build,
+           "hvp_per_solve": hvps, "projected_alternation_s": projected,
+           "solve_rel_residual": rec_upper["solve_rel_residual"]}
+    if cuda:
+        out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(info.device))
+    return out
