@@ -248,7 +248,7 @@ class BiSSLConfig(_Section):
     lower_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="LARS momentum of the lower steps")
     lower_weight_decay: float = Field(1e-6, ge=0.0, description="LARS weight decay of the lower steps (reference: 1e-6)")
     lower_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up of the lower schedule, in lower steps (reference stl10: 10 x 98 lower batches a pass = 980)")
-    lower_warmup_first_step_full_lr: bool = Field(False, description="reference quirk: the first lower step runs at the full lower_lr, every later step at its warm-up + cosine value; false: the first step is warmed up too")
+    lower_warmup_first_step_full_lr: bool = Field(False, description="the released code's indexing of the lower schedule: the first lower step runs at the full lower_lr (a quirk), warm-up step t >= 1 at t / lower_warmup_steps; false: step t at (t + 1) / lower_warmup_steps. The cosine phase is the same")
     lower_final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine end point of the lower schedule, as a fraction of lower_lr")
     lower_grad_clip: float | None = Field(10.0, gt=0.0, description="gradient-norm clipping of the lower steps (backbone + projector; reference: 10)")
     upper_batch_size: int = Field(256, ge=1, description="downstream batch of the upper steps (reference: 256)")

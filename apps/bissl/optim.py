@@ -133,8 +133,9 @@ def warmup_cosine(
 
     - :math:`t < T_w`: :math:`(t + 1) / T_w`;
     - otherwise :math:`r + (1 - r)\,\tfrac12 (1 + \cos(\pi \min(1, (t - T_w) / (T - T_w))))`;
-    - with ``first_step_full_lr`` (a quirk of the BiSSL reference's lower schedule) step 0 runs
-      at multiplier 1 instead, every later step as above.
+    - with ``first_step_full_lr`` (the released BiSSL code's indexing: its scheduler sets the
+      rate *after* each step, starting from the base rate): step 0 runs at multiplier 1 and
+      warm-up step :math:`1 \le t < T_w` at :math:`t / T_w`; the cosine phase is unchanged.
 
     Args:
         optimizer: optimiser whose groups' ``lr`` are the base rates.
@@ -157,8 +158,8 @@ def warmup_cosine(
         raise ValueError(f"final_lr_ratio={final_lr_ratio!r} must be in [0, 1], e.g. 0.001")
 
     def multiplier(step: int) -> float:
-        if step == 0 and first_step_full_lr:
-            return 1.0
+        if first_step_full_lr and step < warmup_steps:
+            return step / warmup_steps if step > 0 else 1.0
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))

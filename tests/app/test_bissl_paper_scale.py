@@ -110,11 +110,13 @@ def _lower_lrs(overrides: list[str], steps: list[int], preset: str = "digits") -
 
 
 def test_stl10_paper_lower_schedule_equals_hand_computation() -> None:
-    """980 warm-up steps (the first at the full lr: the reference quirk), cosine to 0.001 lr at 10,000."""
+    """The released scheduler sets the rate after each step from its step counter t (from 1):
+    t / 980 while t < 980, then 0.001 + 0.999 (1 + cos(pi (t - 980) / 9020)) / 2; step 0 runs at
+    the optimiser's initial rate, the full lr (the quirk)."""
     cfg = load_config("stl10-paper")
     assert (cfg.bissl.lower_warmup_steps, cfg.bissl.total_lower_steps, cfg.bissl.lower_lr) == (980, 10_000, 1.0)
     lrs = _lower_lrs([], [0, 1, 489, 979, 980, 5490, 9999], "stl10-paper")
-    expected = {0: 1.0, 1: 2 / 980, 489: 0.5, 979: 1.0, 980: 1.0, 5490: 0.001 + 0.999 * 0.5,
+    expected = {0: 1.0, 1: 1 / 980, 489: 489 / 980, 979: 979 / 980, 980: 1.0, 5490: 0.001 + 0.999 * 0.5,
                 9999: 0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * 9019 / 9020))}
     for t, lr in expected.items():
         assert lrs[t] == pytest.approx(lr, rel=1e-12, abs=1e-15), t
@@ -127,8 +129,8 @@ def test_lower_warmup_without_the_quirk_warms_up_the_first_step() -> None:
     # (t + 1) / 4 * 2.0 while warming up; then 2.0 * (0.1 + 0.9 * (1 + cos(pi (t - 4) / 96)) / 2)
     assert plain == pytest.approx({0: 0.5, 1: 1.0, 3: 2.0, 4: 2.0, 52: 2.0 * 0.55,
                                    99: 2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * 95 / 96)))}, rel=1e-12)
-    quirk = _lower_lrs([*base, "bissl.lower_warmup_first_step_full_lr=true"], [0, 1])
-    assert quirk == pytest.approx({0: 2.0, 1: 1.0}, rel=1e-12)
+    quirk = _lower_lrs([*base, "bissl.lower_warmup_first_step_full_lr=true"], [0, 1, 3, 4, 52])
+    assert quirk == pytest.approx({0: 2.0, 1: 0.5, 3: 1.5, 4: 2.0, 52: 2.0 * 0.55}, rel=1e-12)
     with pytest.raises(ConfigError, match=r"bissl\.lower_warmup_first_step_full_lr"):
         load_config("digits", ["bissl.lower_warmup_first_step_full_lr=true"])
 
