@@ -52,7 +52,14 @@ from bissl.augment import TwoViewDataset, normalization_stats, simclr_views
 from bissl.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from bissl.config import BiSSLConfig, RunConfig
 from bissl.data import DatasetSpec
-from bissl.distributed import DistInfo, average_gradients, barrier, epoch_batches, on_main, resolve_device
+from bissl.distributed import (
+    DistInfo,
+    average_gradients,
+    barrier,
+    epoch_batches,
+    on_main,
+    resolve_device,
+)
 from bissl.models import Classifier
 from bissl.optim import LARS, lars_param_groups, warmup_cosine
 from bissl.pretext_loss import PretextBatch, PretextLoss, simclr_loss
@@ -449,7 +456,7 @@ class BatchStream:
         """Batches ``start .. start + count - 1`` on the device."""
         yield from self.load([self.keys(i) for i in range(start, start + count)], cfg)
 
-    def load(self, keys: Sequence[Sequence[tuple[int, int]]], cfg: RunConfig) -> Iterator[Any]:
+    def load(self, keys: list[list[tuple[int, int]]], cfg: RunConfig) -> Iterator[Any]:
         """Batches of the given (epoch, index) keys on the device, augmented with this stream's seed."""
         data = DataLoader(_EpochItems(self.dataset, self.seed), batch_sampler=keys,
                           num_workers=cfg.data.num_workers, pin_memory=self.info.device.type == "cuda")
