@@ -180,7 +180,7 @@ def test_reference_hessian_batch_is_the_current_pass_first_lower_batch() -> None
     for a in range(5):  # today's default: the Hessian stream's own batch a
         assert torch.equal(hessian_batch(streams, a, independent)[0], next(streams.hessian.batches(a, 1, cfg))[0])
     with pytest.raises(ConfigError, match=r"bissl\.hessian_batch_size"):
-        load_config("digits", ["bissl.hessian_batch_source=reference"])  # digits: 32 != 128 pairs
+        load_config("digits", ["bissl.hessian_batch_source=reference", "bissl.hessian_batch_size=32"])  # != 128
 
 
 # --- 4. split, interpolation, theta_D's start ----------------------------------------------------
