@@ -12,7 +12,7 @@ Public names: :func:`simclr_views`, :func:`downstream_transforms`, :func:`blur_k
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -46,6 +46,7 @@ _GREYSCALE_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 _ASPECT_RATIO_QUIRK = (0.5, 1.0)  # the released code passes its "min ratio 0.5" as aspect ratio
 _DEFAULT_ASPECT_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's default
+_INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 
 def normalization_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -169,12 +170,14 @@ def downstream_transforms(
     std: Sequence[float],
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: bool = True,
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear",
 ) -> tuple[Transform, Transform]:
     """Fine-tuning transforms of the reference.
 
-    Train: RandomResizedCrop(image_size) (bilinear, aspect ratio as in :func:`simclr_views`) and
+    Train: RandomResizedCrop(image_size) (aspect ratio as in :func:`simclr_views`) and
     horizontal flip p=0.5. Test: Resize(round(image_size * 109 / 96)) of the shorter side, then
     CenterCrop(image_size) (96 px -> Resize(109) + CenterCrop(96)). ``hflip=False`` drops the flip.
+    Crop and resize use ``interpolation`` (the released code: bicubic).
 
     Returns:
         ``(train_tf, test_tf)``: uint8 (C, H, W) -> float32 (C, image_size, image_size).
@@ -182,17 +185,20 @@ def downstream_transforms(
     _check_common(image_size, in_channels, mean, std)
     if not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"scale={scale!r} must satisfy 0 < min <= max <= 1, e.g. (0.08, 1.0)")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} must be one of {sorted(_INTERPOLATIONS)}")
+    mode = _INTERPOLATIONS[interpolation]
     ratio = _ASPECT_RATIO_QUIRK if aspect_ratio_quirk else _DEFAULT_ASPECT_RATIO
     train_tf = v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True),
+            v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True),
             *([v2.RandomHorizontalFlip(p=0.5)] if hflip else []),
             *_to_normalised_float(mean, std),
         ]
     )
     test_tf = v2.Compose(
         [
-            v2.Resize(round(image_size * 109 / 96), antialias=True),
+            v2.Resize(round(image_size * 109 / 96), interpolation=mode, antialias=True),
             v2.CenterCrop(image_size),
             *_to_normalised_float(mean, std),
         ]

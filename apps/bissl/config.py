@@ -48,6 +48,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="fraction of the labelled training split held out for validation"
     )
+    val_size: int | None = Field(
+        None, ge=1, description="number of labelled training images held out for validation "
+        "(replaces val_fraction; reference stl10: 1000 of 5000); None = use val_fraction")
+    val_seed: int | None = Field(
+        None, ge=0, description="seed of the train/val split; None = the run seed (a split per "
+        "run seed); a number fixes one split for every run, as the reference's shipped list")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 = main process)")
 
     train_per_class: int | None = Field(
@@ -72,7 +78,7 @@ class ModelConfig(_Section):
     width: int = Field(16, ge=1, le=512, description="base width of resnet-small (ignored by resnet18)")
     projector_hidden_dim: int = Field(256, ge=1, description="hidden width of the SimCLR projector MLP")
     projector_out_dim: int = Field(256, ge=1, description="output width of the projector (NT-Xent space)")
-    sync_bn: bool = Field(True, description="SyncBN when distributed on GPU (pretext and fine-tuning)")
+    sync_bn: bool = Field(True, description="SyncBN when distributed on GPU (pretext and fine-tuning); never in the BiSSL stage, whose HVPs need a double backward SyncBN lacks (as the reference)")
 
 
 class AugmentConfig(_Section):
@@ -89,6 +95,9 @@ class AugmentConfig(_Section):
     hflip: bool = Field(
         True, description="random horizontal flips (reference: on); off for digits, whose mirror images are other shapes"
     )
+    downstream_interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="interpolation of the downstream crop (train) and resize (test); "
+        "reference: bicubic (the SimCLR views are bicubic either way)")
 
     @model_validator(mode="after")
     def _check_scale(self) -> AugmentConfig:
@@ -240,7 +249,8 @@ class BiSSLConfig(_Section):
     lower_lr: float = Field(1.0, gt=0.0, description="LARS base learning rate of the lower steps (reference: 1.0)")
     lower_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="LARS momentum of the lower steps")
     lower_weight_decay: float = Field(1e-6, ge=0.0, description="LARS weight decay of the lower steps (reference: 1e-6)")
-    lower_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up of the lower schedule, in lower steps")
+    lower_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up of the lower schedule, in lower steps (reference stl10: 10 x 98 lower batches a pass = 980)")
+    lower_warmup_first_step_full_lr: bool = Field(False, description="the released code's indexing of the lower schedule: the first lower step runs at the full lower_lr (a quirk), warm-up step t >= 1 at t / lower_warmup_steps; false: step t at (t + 1) / lower_warmup_steps. The cosine phase is the same")
     lower_final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0, description="cosine end point of the lower schedule, as a fraction of lower_lr")
     lower_grad_clip: float | None = Field(10.0, gt=0.0, description="gradient-norm clipping of the lower steps (backbone + projector; reference: 10)")
     upper_batch_size: int = Field(256, ge=1, description="downstream batch of the upper steps (reference: 256)")
@@ -260,11 +270,13 @@ class BiSSLConfig(_Section):
     recycle_capacity: int = Field(32, ge=1, description="recycled_cg: search directions kept from the alternation's earlier solves (memory: 2 x capacity x backbone size)")
     recycle_deflate: bool = Field(False, description="recycled_cg: also precondition with the recycled basis (deflation; 2 passes over it per iteration)")
     hessian_batch_size: int | None = Field(None, ge=2, description="pretext pairs in the Hessian batch drawn once per alternation; None = lower_batch_size (reference)")
+    hessian_batch_source: Literal["independent", "reference"] = Field("independent", description="images of the Hessian batch: 'independent' draws its own images each alternation (a stream of its own); 'reference' re-augments the current pass's first lower batch, as the released code (the same images recur until the lower stream starts a new pass)")
     reuse_graph: bool = Field(True, description="build the pretext gradient graph once per alternation and reuse it for every HVP; false rebuilds it per HVP as the reference")
     warm_start: bool = Field(False, description="start each solve from the previous upper step's solution (one extra HVP)")
     hvp_updates_bn: bool = Field(False, description="every HVP forward updates theta_P's BatchNorm running statistics (reference behaviour); false leaves them untouched")
+    upper_init: Literal["pretext", "warmup"] = Field("pretext", description="theta_D's backbone at the start: the pretext backbone ('pretext') or the linear warm-up's whole model ('warmup', reference: its BN statistics adapted to the downstream data); phi_D comes from the warm-up either way")
     handover: Literal["lower", "upper"] = Field("lower", description="backbone handed to fine-tuning: theta_P ('lower', reference) or theta_D ('upper')")
-    on_bad_solve: Literal["skip", "stop"] = Field("skip", description="a non-finite or broken-down solve: 'skip' that upper step (logged) or 'stop' the stage at the last checkpoint with an error")
+    on_bad_solve: Literal["skip", "stop", "truncate"] = Field("skip", description="a non-finite or broken-down solve: 'skip' that upper step (logged), 'stop' the stage at the last checkpoint with an error, or 'truncate': use the iterate CG froze before non-positive curvature (Steihaug's rule; a non-finite solve is still skipped)")
     checkpoint_every_alternations: int = Field(1, ge=1, description="write the stage checkpoint every this many alternations")
     eval_every_alternations: int = Field(0, ge=0, description="validation accuracy of theta_P + head every this many alternations (0: only at the end)")
 
@@ -276,6 +288,18 @@ class BiSSLConfig(_Section):
         if any(k < 0 for k in self.refine_inner_iterations):
             raise ValueError(f"bissl.refine_inner_iterations: {self.refine_inner_iterations} has a negative entry. "
                              "Fix: --set bissl.refine_inner_iterations=[2,2]")
+        if self.hessian_batch_source == "reference" and self.hessian_batch_size not in (None, self.lower_batch_size):
+            raise ValueError(f"bissl.hessian_batch_size: got {self.hessian_batch_size} with "
+                             "bissl.hessian_batch_source='reference', which re-uses a lower batch "
+                             f"({self.lower_batch_size} pairs). Fix: --set bissl.hessian_batch_size=null, "
+                             "or bissl.hessian_batch_source=independent")
+        if self.lower_warmup_first_step_full_lr and self.lower_warmup_steps == 0:
+            raise ValueError("bissl.lower_warmup_first_step_full_lr: true with bissl.lower_warmup_steps=0 "
+                             "changes nothing (no warm-up). Fix: --set bissl.lower_warmup_first_step_full_lr=false")
+        if self.lower_warmup_steps >= self.total_lower_steps:
+            raise ValueError(f"bissl.lower_warmup_steps: got {self.lower_warmup_steps} >= the stage's "
+                             f"{self.total_lower_steps} lower steps (alternations x lower_steps); the cosine "
+                             f"phase needs at least one. Fix: --set bissl.lower_warmup_steps={self.total_lower_steps // 10}")
         if self.solver != "identity" and self.solver_iterations == 0:
             raise ValueError(f"bissl.solver_iterations: 0 with bissl.solver={self.solver!r} returns x = 0. "
                              "Fix: --set bissl.solver_iterations=5, or bissl.solver=identity for x = v")
@@ -349,6 +373,9 @@ class RunConfig(_Section):
                 "ImageNet stem (7x7/2 conv + max-pool) shrinks such images to 1x1 maps. "
                 "Fix: --set model.small_images=true or data.image_size>=32"
             )
+        if self.bissl.upper_init == "warmup" and self.warmup.epochs == 0:
+            raise ValueError("bissl.upper_init: 'warmup' with warmup.epochs=0 (no linear warm-up to start "
+                             "theta_D from). Fix: --set warmup.epochs=20, or bissl.upper_init=pretext")
         if not self.arms or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms: got {list(self.arms)}; need a non-empty list without repeats. "
                              "Fix: --arms conventional,bissl")

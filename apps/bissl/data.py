@@ -263,15 +263,18 @@ def get_spec(name: str) -> DatasetSpec:
     )
 
 
-def split_indices(num_items: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_indices(num_items: int, val_fraction: float, seed: int, *,
+                  val_size: int | None = None) -> tuple[list[int], list[int]]:
     """Seeded random split of ``range(num_items)`` into (train, val) index lists, each sorted.
 
-    ``round(num_items * val_fraction)`` items go to val (at least 1 when ``val_fraction > 0``).
+    ``val_size`` items go to val when given, else ``round(num_items * val_fraction)`` (at least 1
+    when ``val_fraction > 0``).
 
     Args:
         num_items: number of items to split.
-        val_fraction: share for val, in [0, 1).
+        val_fraction: share for val, in [0, 1) (ignored when ``val_size`` is given).
         seed: seed of the permutation (a private ``torch.Generator``).
+        val_size: number of items for val, in [1, num_items).
 
     Returns:
         ``(train_indices, val_indices)``, disjoint, covering ``range(num_items)``.
@@ -281,6 +284,11 @@ def split_indices(num_items: int, val_fraction: float, seed: int) -> tuple[list[
     n_val = round(num_items * val_fraction)
     if val_fraction > 0:
         n_val = max(n_val, 1)
+    if val_size is not None:
+        if not 1 <= val_size < num_items:
+            raise ValueError(f"val_size={val_size!r} must be in [1, {num_items}) for {num_items} items; "
+                             f"e.g. {max(num_items // 5, 1)}")
+        n_val = val_size
     if n_val >= num_items and num_items > 0:
         raise ValueError(
             f"val_fraction={val_fraction} leaves no training items out of {num_items}; lower it"
@@ -507,6 +515,7 @@ def load_split(
     root: str | Path | None,
     val_fraction: float,
     seed: int,
+    val_size: int | None = None,
 ) -> Dataset:
     """Load one split of a registered dataset (see the module docstring for the split rules).
 
@@ -517,6 +526,7 @@ def load_split(
         val_fraction: share of the official train split held out as val, in [0, 1); must be > 0
             to ask for ``"val"`` of a dataset without an official val split.
         seed: seed of that train/val split.
+        val_size: number of images held out as val instead of the ``val_fraction`` share.
 
     Returns:
         A dataset of ``(uint8 image (C, H, W), int label)``; a ``Subset`` (with ``.indices``)
@@ -543,7 +553,7 @@ def load_split(
     if split == "unlabeled":
         if spec.has_unlabeled:
             return _open_official(spec, root, "unlabeled")
-        train = load_split(name, "train", root=root, val_fraction=val_fraction, seed=seed)
+        train = load_split(name, "train", root=root, val_fraction=val_fraction, seed=seed, val_size=val_size)
         return _Unlabeled(train)
     if split == "test":
         if spec.has_official_test:
@@ -553,13 +563,13 @@ def load_split(
         return Subset(full, test_idx)
     if spec.has_official_val and split in ("train", "val"):
         return _open_official(spec, root, split)
-    if split == "val" and val_fraction == 0:
+    if split == "val" and val_fraction == 0 and val_size is None:
         raise ValueError(
             f"dataset {name!r} has no official val split and val_fraction=0; "
             "set val_fraction > 0 (e.g. 0.1) to hold out a val split"
         )
 
     full, pool = _train_pool(spec, root)
-    train_pos, val_pos = split_indices(len(pool), val_fraction, seed)
+    train_pos, val_pos = split_indices(len(pool), val_fraction, seed, val_size=val_size)
     positions = val_pos if split == "val" else train_pos
     return Subset(full, [pool[i] for i in positions])

@@ -41,10 +41,12 @@ class DistInfo:
 
 
 def resolve_device(preference: Literal["auto", "cpu", "cuda"], local_rank: int = 0) -> torch.device:
-    """Device for this process; "cuda" without a GPU raises a clear error."""
+    """Device for this process; "cuda" without a GPU raises :class:`bissl.config.ConfigError`."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but no CUDA device is visible. "
-                           "Fix: --set device=cpu (or auto)")
+        from bissl.config import ConfigError
+
+        raise ConfigError("device: 'cuda' requested but no CUDA device is visible. "
+                          "Fix: --set device=cpu (or auto)")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())

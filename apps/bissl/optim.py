@@ -124,20 +124,25 @@ def lars_param_groups(model: nn.Module, *, exclude_bias_and_norm: bool) -> list[
 
 
 def warmup_cosine(
-    optimizer: Optimizer, *, warmup_steps: int, total_steps: int, final_lr_ratio: float = 0.001
+    optimizer: Optimizer, *, warmup_steps: int, total_steps: int, final_lr_ratio: float = 0.001,
+    first_step_full_lr: bool = False,
 ) -> LambdaLR:
     r"""Linear warm-up, then cosine decay to ``final_lr_ratio`` times the base learning rate.
 
     Multiplier at step t (the scheduler is stepped once per optimiser step):
 
     - :math:`t < T_w`: :math:`(t + 1) / T_w`;
-    - otherwise :math:`r + (1 - r)\,\tfrac12 (1 + \cos(\pi \min(1, (t - T_w) / (T - T_w))))`.
+    - otherwise :math:`r + (1 - r)\,\tfrac12 (1 + \cos(\pi \min(1, (t - T_w) / (T - T_w))))`;
+    - with ``first_step_full_lr`` (the released BiSSL code's indexing: its scheduler sets the
+      rate *after* each step, starting from the base rate): step 0 runs at multiplier 1 and
+      warm-up step :math:`1 \le t < T_w` at :math:`t / T_w`; the cosine phase is unchanged.
 
     Args:
         optimizer: optimiser whose groups' ``lr`` are the base rates.
         warmup_steps: :math:`T_w \ge 0`.
         total_steps: :math:`T > T_w`; after it the multiplier stays at :math:`r`.
         final_lr_ratio: :math:`r` in [0, 1].
+        first_step_full_lr: run step 0 at the full base rate (see above).
 
     Returns:
         A ``LambdaLR`` scheduler.
@@ -153,6 +158,8 @@ def warmup_cosine(
         raise ValueError(f"final_lr_ratio={final_lr_ratio!r} must be in [0, 1], e.g. 0.001")
 
     def multiplier(step: int) -> float:
+        if first_step_full_lr and step < warmup_steps:
+            return step / warmup_steps if step > 0 else 1.0
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))

@@ -226,7 +226,9 @@ def validate(cfg: RunConfig, *, batch: int = 4) -> dict[str, Any]:
           f"at batch {batch}; projected {bissl['projected_alternation_s']:.1f} s per alternation at batch "
           f"sizes lower {b.lower_batch_size} / Hessian {b.hessian_batch} / upper {b.upper_batch_size} "
           f"(linear in batch size, this machine), {b.alternations} alternations ~ "
-          f"{bissl['projected_alternation_s'] * b.alternations / 3600:.1f} h")
+          f"{bissl['projected_alternation_s'] * b.alternations / 3600:.1f} h"
+          + (f"; peak GPU memory {bissl['peak_memory_bytes'] / 2**30:.1f} GiB at batch {batch}"
+             if "peak_memory_bytes" in bissl else ""))
     for name, value in out.items():
         if not torch.isfinite(torch.tensor(value)):
             raise RuntimeError(f"dry run: {name} is not finite ({value})")

@@ -42,6 +42,9 @@ def test_stl10_paper_preset_has_reference_values() -> None:
     s = cfg.search
     assert (s.trials, s.seeds, tuple(s.lr_range), tuple(s.wd_range)) == (200, 10, (1e-4, 1.0), (1e-5, 1e-2))
     assert (cfg.warmup.epochs, cfg.warmup.bn_train_mode) == (20, True)
+    b = cfg.bissl  # issue 18: the released code's lower warm-up, Hessian batch, theta_D start, split
+    assert (b.lower_warmup_steps, b.lower_warmup_first_step_full_lr, b.hessian_batch_source) == (980, True, "reference")
+    assert (b.upper_init, cfg.augment.downstream_interpolation, cfg.data.val_size) == ("warmup", "bicubic", 1000)
 
 
 def test_overrides_parse_yaml_values() -> None:

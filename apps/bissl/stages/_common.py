@@ -103,7 +103,8 @@ class Splits:
 def load_splits(cfg: RunConfig, info: DistInfo) -> Splits:
     """Load all splits (lazily where the loader allows) and check batch sizes against them."""
     d = cfg.data
-    kw: dict[str, Any] = {"root": d.root, "val_fraction": d.val_fraction, "seed": cfg.seed}
+    kw: dict[str, Any] = {"root": d.root, "val_fraction": d.val_fraction, "val_size": d.val_size,
+                          "seed": cfg.seed if d.val_seed is None else d.val_seed}
     train, val = load_split(d.dataset, "train", **kw), load_split(d.dataset, "val", **kw)
     try:
         if d.train_per_class is not None:
@@ -134,7 +135,8 @@ def downstream_datasets(cfg: RunConfig, splits: Splits) -> tuple[Dataset, Datase
     train_tf, test_tf = downstream_transforms(
         cfg.data.image_size, in_channels=splits.spec.in_channels,
         aspect_ratio_quirk=cfg.augment.aspect_ratio_quirk, mean=mean, std=std,
-        scale=cfg.augment.downstream_crop_scale, hflip=cfg.augment.hflip)
+        scale=cfg.augment.downstream_crop_scale, hflip=cfg.augment.hflip,
+        interpolation=cfg.augment.downstream_interpolation)
     return (TransformedDataset(splits.train, train_tf), TransformedDataset(splits.train, test_tf),
             TransformedDataset(splits.val, test_tf), TransformedDataset(splits.test, test_tf))
 

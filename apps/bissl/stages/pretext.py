@@ -64,11 +64,13 @@ def training_loss(cfg: RunConfig, net: SimCLRNet) -> PretextLoss:
                        update_buffers=True)
 
 
-def prepare_simclr(net: SimCLRNet, cfg: RunConfig, info: DistInfo) -> SimCLRNet:
-    """Move to the device; SyncBN when distributed on GPU (no DDP wrapper: the forward is a
-    functional call and gradients are averaged by :func:`bissl.distributed.average_gradients`)."""
+def prepare_simclr(net: SimCLRNet, cfg: RunConfig, info: DistInfo, *, sync_bn: bool | None = None) -> SimCLRNet:
+    """Move to the device; SyncBN when distributed on GPU and ``sync_bn`` (default
+    ``model.sync_bn``). No DDP wrapper: the forward is a functional call and gradients are
+    averaged by :func:`bissl.distributed.average_gradients`."""
     net = net.to(info.device)
-    if info.distributed and cfg.model.sync_bn and info.device.type == "cuda":
+    sync_bn = cfg.model.sync_bn if sync_bn is None else sync_bn
+    if info.distributed and sync_bn and info.device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # type: ignore[assignment]
     return net
 
