@@ -4,6 +4,7 @@ Examples::
 
     bissl run                                   # BiSSL vs conventional on digits, <10 min on 2 CPU cores
     bissl run --arms conventional,bissl,scratch --seeds 5
+    bissl run --run-dir runs/a --resume --seeds 8 --seed-offset 5   # seed runs 6..13 on runs/a
     bissl run -c fashion-mnist --data-root DATA
     bissl pretrain -c digits --set pretext.epochs=5 --run-dir runs/a
     bissl pretrain --run-dir runs/a --resume    # continue a killed run (config read from runs/a)
@@ -82,11 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "bissl-identity, scratch")
             p.add_argument("--seeds", type=int, default=None, metavar="N",
                            help="paired seed runs per arm (sets search.seeds)")
+            p.add_argument("--seed-offset", type=int, default=None, metavar="K",
+                           help="run the seed runs seed+1+K ... instead of seed+1 ... (sets "
+                                "search.seed_offset; pretext, splits and trial seed unchanged)")
     return parser
 
 
-_EXTENSIBLE = ("arms:", "search.seeds:")
-"""Fields `bissl run --resume` may change: which arms and how many seeds to run, not how."""
+_EXTENSIBLE = ("arms:", "search.seeds:", "search.seed_offset:")
+"""Fields `bissl run --resume` may change: which arms and which seeds to run, not how."""
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -138,6 +142,8 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"arms=[{','.join(a.strip() for a in args.arms.split(','))}]")
     if getattr(args, "seeds", None) is not None:
         extra.append(f"search.seeds={args.seeds}")
+    if getattr(args, "seed_offset", None) is not None:
+        extra.append(f"search.seed_offset={args.seed_offset}")
     return extra
 
 
@@ -173,7 +179,13 @@ def _run_command(args: argparse.Namespace, cfg: RunConfig) -> None:
             # Rejected before any work: leave no empty run directory behind.
             if fresh and info.is_main and not any((run.path / "checkpoints").iterdir()):
                 shutil.rmtree(run.path, ignore_errors=True)
+            else:
+                run.end_session("rejected")
             raise
+        except BaseException as exc:
+            run.end_session(type(exc).__name__)
+            raise
+        run.end_session("ok")
     finally:
         shutdown(info)
 

@@ -14,7 +14,7 @@ scratch            fine-tuning from random initialisation
 Step counts come from the ``bissl:`` section only. Per arm, the fine-tuning search runs once,
 on the first seed's backbone, on the validation split (trial seed ``cfg.seed``, every arm the
 same budget, one Optuna study per arm under ``RUN/arms/<arm>/``). Each reported seed
-:math:`S_i = \text{seed} + 1 + i` (never a trial's seed) reruns everything after the shared
+:math:`S_i = \text{seed} + 1 + \text{search.seed\_offset} + i` (never a trial's seed) reruns everything after the shared
 pretext checkpoint with :math:`S_i` — the arm's extra training, then fine-tuning at the arm's
 chosen (lr, wd) — so arms pair by seed. The test split is read once per seed run, at the end.
 """
@@ -41,7 +41,7 @@ from bissl.stages.continued import run_continued_pretext, run_supervised_steps
 from bissl.stages.finetune import FinetuneInit, run_finetune, test_metrics
 from bissl.stages.linear_warmup import run_linear_warmup
 from bissl.stages.pretext import run_pretext
-from bissl.stages.search import search_hyperparameters, seed_run_seeds
+from bissl.stages.search import search_hyperparameters, seed_run_name, seed_run_seeds
 
 BASELINE = "conventional"
 
@@ -228,11 +228,12 @@ def run_comparison(cfg: RunConfig, run: RunDir, info: DistInfo, *, resume: bool 
                     _append(run, {"arm": arm, "kind": "search", "best": best.__dict__, "trial_seed": cfg.seed})
                     recorded["search"] = best.__dict__
             ft = run_finetune(acfg, arm_run, info, splits, lr=best.lr, weight_decay=best.weight_decay,
-                              seed=seed, name=f"seed{i}", resume=True, init=stage.init, step_hook=step_hook)
+                              seed=seed, name=seed_run_name(cfg, i), resume=True, init=stage.init,
+                              step_hook=step_hook)
             _append(run, {"arm": arm, "kind": "seed", "seed": seed, "result": {
                 "val_top1": ft.best_val_top1, "pretext_images": stage.pretext_images,
                 "supervised_steps": stage.supervised_steps, "num_hvp": stage.num_hvp,
-                "stage_seconds": stage.seconds, "finetune_name": f"seed{i}", "lr": best.lr,
+                "stage_seconds": stage.seconds, "finetune_name": seed_run_name(cfg, i), "lr": best.lr,
                 "weight_decay": best.weight_decay,
                 # the arm's compute for this seed: its extra training (shared parts included,
                 # measured when they ran) plus its search (first seed) and fine-tuning

@@ -206,6 +206,9 @@ class SearchConfig(_Section):
         (1e-5, 1e-2), description="fine-tuning weight-decay range, sampled log-uniformly"
     )
     seeds: int = Field(10, ge=1, description="seeds fine-tuned at the best setting (mean ± std reported)")
+    seed_offset: int = Field(
+        0, ge=0, description="skip this many seed runs: they are seed + 1 + seed_offset + i (i < seeds); "
+        "the pretext, split and trial seed stay `seed` (new paired seeds, nothing else changed)")
     trial_epochs: int | None = Field(None, ge=1, description="None = finetune.epochs")
     sampler_seed: int | None = Field(None, description="None = the run seed")
 

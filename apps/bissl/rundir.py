@@ -3,7 +3,7 @@
 Layout::
 
     RUN/config.yaml        resolved configuration (reload with ``bissl ... --run-dir RUN``)
-    RUN/meta.json          git commit, library versions, command line, host, start time
+    RUN/meta.json          git commit, library versions, command line, host, start and end time
     RUN/metrics.jsonl      one JSON object per line: {"stage", "step", "time", <metrics>}
     RUN/checkpoints/       <stage>.pt (in progress) and <stage>-final.pt (stage done)
     RUN/results/           small JSON results (search trials, seeds, evaluation)
@@ -81,6 +81,17 @@ class RunDir:
                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
             meta_path.write_text(json.dumps(meta, indent=2))
         return run
+
+    def end_session(self, status: str) -> None:
+        """Record the end time and ``status`` ("ok" or the error's type) of the latest session
+        in ``meta.json`` (main process only)."""
+        meta_path = self.path / "meta.json"
+        if not self.writer or not meta_path.is_file():
+            return
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sessions"):
+            meta["sessions"][-1].update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), status=status)
+            meta_path.write_text(json.dumps(meta, indent=2))
 
     def checkpoint(self, name: str) -> Path:
         """Path of checkpoint ``name`` (e.g. "pretext", "pretext-final")."""

@@ -184,3 +184,50 @@ def test_secondary_contrasts_are_holm_corrected() -> None:
         expect[name] = going
     assert {c["contrast"]: c["significant"] for c in d["secondary"]} == expect
     assert expect["conventional - scratch"]  # a 2.6-point gap with small noise is detected
+
+
+@pytest.fixture(scope="module")
+def offset_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Scratch arm only: seeds 1, 2 (no offset); a fresh run with --seed-offset 1 (seed 2); and a
+    copy of the first resumed with --seeds 1 --seed-offset 2 (seed 3, as a split part would)."""
+    root = tmp_path_factory.mktemp("offset")
+    tiny = [a for s in TINY for a in ("--set", s)]
+    for name, extra in (("base", ["--seeds", "2"]), ("offset", ["--seeds", "1", "--seed-offset", "1"])):
+        proc = _run("-m", "bissl.cli", "run", "--run-dir", str(root / name), *tiny, "--arms", "scratch", *extra)
+        assert not proc.returncode, proc.stderr[-3000:]
+    shutil.copytree(root / "base", root / "part")
+    proc = _run("-m", "bissl.cli", "run", "--run-dir", str(root / "part"), "--resume", "--seeds", "1",
+                "--seed-offset", "2")
+    assert not proc.returncode, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.timeout(1200)
+def test_seed_offset_moves_only_the_seed_runs(offset_runs: Path) -> None:
+    base, offset, part = (_jsonl(offset_runs / n / "results" / "runs.jsonl") for n in ("base", "offset", "part"))
+    tests = lambda recs: {r["seed"]: r["metrics"] for r in recs if r["kind"] == "test"}  # noqa: E731
+    searches = lambda recs: [r for r in recs if r["kind"] == "search"]  # noqa: E731
+    # the offset run ran seed 2 only, and reproduces the unshifted run's seed 2 exactly: same split,
+    # same trials (trial seed 0, same chosen lr/wd), same seed run
+    assert set(tests(offset)) == {2} and set(tests(base)) == {1, 2}
+    assert tests(offset)[2] == tests(base)[2]
+    assert searches(offset)[0]["best"] == searches(base)[0]["best"] and searches(offset)[0]["trial_seed"] == 0
+    seed_rec = {r["seed"]: r["result"] for r in offset if r["kind"] == "seed"}
+    assert seed_rec[2]["finetune_name"] == "seed1"  # named by position from seed + 1, as in the base run
+    # the resumed copy added seed 3 under its own name, reused the search, left seeds 1-2 alone
+    assert set(tests(part)) == {1, 2, 3} and {s: tests(part)[s] for s in (1, 2)} == tests(base)
+    assert len(searches(part)) == 1
+    assert [r["result"]["finetune_name"] for r in part if r["kind"] == "seed" and r["seed"] == 3] == ["seed2"]
+    assert (offset_runs / "part" / "arms" / "scratch" / "checkpoints" / "seed2-final.pt").is_file()
+    meta = json.loads((offset_runs / "part" / "meta.json").read_text())
+    assert [s["status"] for s in meta["sessions"]] == ["ok", "ok"] and all("ended" in s for s in meta["sessions"])
+
+
+def test_seed_run_seeds_offset() -> None:
+    from bissl.config import load_config
+    from bissl.stages.search import seed_run_name, seed_run_seeds
+
+    cfg = load_config("fashion-mnist-replica", ["search.seeds=16", "search.seed_offset=5"])
+    assert cfg.seed == 0 and seed_run_seeds(cfg) == list(range(6, 22))
+    assert [seed_run_name(cfg, i) for i in (0, 15)] == ["seed5", "seed20"]
+    assert seed_run_seeds(load_config("fashion-mnist-replica", [])) == [1, 2, 3, 4, 5]  # default: as before

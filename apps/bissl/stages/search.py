@@ -79,8 +79,19 @@ def _trial_name(lr: float, wd: float) -> str:
 
 
 def seed_run_seeds(cfg: RunConfig) -> list[int]:
-    """Seeds of the ``search.seeds`` runs at the best setting: never the trials' seed (``cfg.seed``)."""
-    return [cfg.seed + 1 + i for i in range(cfg.search.seeds)]
+    """Seeds of the ``search.seeds`` runs at the best setting: never the trials' seed (``cfg.seed``).
+
+    ``seed + 1 + search.seed_offset + i``: the offset shifts only these seeds (pretext, splits and
+    trials keep ``cfg.seed``), e.g. seed 0, offset 5, 16 seeds -> runs 6..21.
+    """
+    first = cfg.seed + 1 + cfg.search.seed_offset
+    return [first + i for i in range(cfg.search.seeds)]
+
+
+def seed_run_name(cfg: RunConfig, i: int) -> str:
+    """Stage name of the ``i``-th seed run (``seed<k>``, k counted from the first seed run without
+    offset), so runs with different offsets in one run dir never share checkpoints."""
+    return f"seed{cfg.search.seed_offset + i}"
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,8 @@ def run_search(cfg: RunConfig, run: RunDir, info: DistInfo, splits: Splits, *,
     """
     best = search_hyperparameters(cfg, run, info, splits, resume=resume, step_hook=step_hook)
     seed_runs = [run_finetune(cfg, run, info, splits, lr=best.lr, weight_decay=best.weight_decay,
-                              seed=seed, name=f"seed{i}", resume=True, step_hook=step_hook)
+                              seed=seed, name=seed_run_name(cfg, i), resume=True,
+                              step_hook=step_hook)
                  for i, seed in enumerate(seed_run_seeds(cfg))]
     vals = [r.best_val_top1 for r in seed_runs]
     run.write_result("search", {
