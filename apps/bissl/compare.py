@@ -387,13 +387,14 @@ def decide(results: dict[str, Any], *, margin: float = 0.5, alpha: float = 0.05)
         out["primary"] = {"contrast": "bissl - conventional", **primary, "decision": verdict(primary)}
     pairs = [("bissl", "conventional+"), ("bissl", "bissl-identity"), ("conventional", "scratch")]
     secondary = [{"contrast": f"{a} - {b}", **contrast(results, a, b)} for a, b in pairs if {a, b} <= set(arms)]
-    order = sorted(range(len(secondary)), key=lambda i: secondary[i]["p"])
+    # An undefined p-value (one seed, or zero variance) sorts last and is never significant.
+    order = sorted(range(len(secondary)), key=lambda i: (math.isnan(secondary[i]["p"]), secondary[i]["p"]))
     running, stopped = 0.0, False
     for rank, i in enumerate(order):  # Holm step-down
         c = secondary[i]
         running = max(running, min(1.0, (len(secondary) - rank) * c["p"]))
         c["p_holm"] = running
-        stopped = stopped or c["p"] > alpha / (len(secondary) - rank)
+        stopped = stopped or not c["p"] <= alpha / (len(secondary) - rank)
         c["significant"] = not stopped
     for c in secondary:
         if c["contrast"] == "bissl - bissl-identity":

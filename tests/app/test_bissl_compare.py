@@ -186,6 +186,17 @@ def test_secondary_contrasts_are_holm_corrected() -> None:
     assert expect["conventional - scratch"]  # a 2.6-point gap with small noise is detected
 
 
+def test_an_undefined_p_value_is_never_significant() -> None:
+    from bissl.compare import decide
+
+    # One seed: no paired-t test exists (scipy's p is NaN), so nothing may be called significant.
+    vals = {"conventional": [80.0], "bissl": [85.0], "conventional+": [70.0], "bissl-identity": [60.0],
+            "scratch": [50.0]}
+    d = decide(_fake_results(vals))
+    assert all(math.isnan(c["p"]) for c in d["secondary"])
+    assert not any(c["significant"] for c in d["secondary"])
+
+
 @pytest.fixture(scope="module")
 def offset_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Scratch arm only: seeds 1, 2 (no offset); a fresh run with --seed-offset 1 (seed 2); and a
