@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._errors import EstimatorSettingError, InnerDependenceError, TreeMismatchError
+from ._errors import EstimatorSettingError, InnerDependenceError
 from ._hvp import _check_scalar, primals
 from ._tree import Tree, tree_norm
 
@@ -84,17 +84,6 @@ class EstimatorStats:
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-
-def check_tree(tree: object, name: str) -> None:
-    if not isinstance(tree, Mapping) or not tree:
-        raise TreeMismatchError(
-            f"{name} must be a non-empty dict name -> Tensor, got {type(tree).__name__}; "
-            f"pass e.g. dict(model.named_parameters())"
-        )
-    for key, value in tree.items():
-        if not isinstance(value, Tensor):
-            raise TreeMismatchError(f"{name}[{key!r}] is a {type(value).__name__}, expected a Tensor")
 
 
 def check_positive(value: object, name: str, fix: str) -> float:

@@ -60,12 +60,11 @@ from ._estimate import (
     check_count,
     check_positive,
     check_tol,
-    check_tree,
     descend,
 )
 from ._hvp import _check_scalar
 from ._implicit import _autograd_only
-from ._tree import Tree, check_compatible, tree_norm
+from ._tree import Tree, check_compatible, check_tree, tree_norm
 
 __all__ = ["PenaltySchedule", "f2sa_grad", "penalty_grad"]
 

@@ -31,14 +31,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ._errors import NotStationaryWarning, TransformError, TreeMismatchError
+from ._errors import NotStationaryWarning, TransformError
 from ._failure import FailurePolicy, check_failure_policy, check_solve
 from ._func import Backend, compiling, transform_active, use_func, vjp, vmap_active
 from ._hvp import GradientGraph, HVPMethod, VJPGraph, _check_scalar, _grads, gradient, primals
 from ._operator import DampedOperator, FunctionOperator, HessianOperator, LinearOperator
 from ._solution import Result, SolveStats
 from ._solver import CG, Identity, Neumann, Solver
-from ._tree import Tree, check_compatible, tree_norm, tree_sub
+from ._tree import Tree, check_compatible, check_tree, tree_norm, tree_sub
 from .distributed import DistributedOperator, all_reduce_mean
 
 __all__ = ["ImplicitStats", "darts_grad", "fixed_point_grad", "implicit_grad"]
@@ -76,17 +76,6 @@ pytree.register_pytree_node(
     lambda s: ([s.solve, s.stationarity, s.upper_loss], None),
     lambda values, _: ImplicitStats(*values),
 )
-
-
-def _check_tree(tree: object, name: str) -> None:
-    if not isinstance(tree, Mapping) or not tree:
-        raise TreeMismatchError(
-            f"{name} must be a non-empty dict name -> Tensor, got {type(tree).__name__}; "
-            f"pass e.g. dict(model.named_parameters())"
-        )
-    for key, value in tree.items():
-        if not isinstance(value, Tensor):
-            raise TreeMismatchError(f"{name}[{key!r}] is a {type(value).__name__}, expected a Tensor")
 
 
 def _upper_grads(upper_loss: Loss2, pi: Tree, po: Tree) -> tuple[Tensor, Tree, Tree]:
@@ -216,8 +205,8 @@ def implicit_grad(
     """
     solver = CG() if solver is None else solver
     check_failure_policy(on_failure)
-    _check_tree(inner, "inner")
-    _check_tree(outer, "outer")
+    check_tree(inner, "inner")
+    check_tree(outer, "outer")
     if x0 is not None:
         check_compatible(inner, x0, "inner", "x0")
     if damping < 0:
@@ -345,8 +334,8 @@ def fixed_point_grad(
     _autograd_only("fixed_point_grad")
     check_failure_policy(on_failure)
     solver = Neumann(maxiter=50, alpha=1.0) if solver is None else solver
-    _check_tree(inner, "inner")
-    _check_tree(outer, "outer")
+    check_tree(inner, "inner")
+    check_tree(outer, "outer")
 
     def reduce(tree: Tree) -> Tree:
         return all_reduce_mean(tree, group) if distributed else tree
@@ -399,8 +388,8 @@ def darts_grad(
     _autograd_only("darts_grad")
     if xi < 0 or eps <= 0:
         raise ValueError(f"xi must be >= 0 and eps > 0, got xi={xi}, eps={eps}")
-    _check_tree(inner, "inner")
-    _check_tree(outer, "outer")
+    check_tree(inner, "inner")
+    check_tree(outer, "outer")
     inner_d = {k: x.detach() for k, x in inner.items()}
     outer_d = {k: x.detach() for k, x in outer.items()}
     g_inner = gradient(lambda i: lower_loss(i, outer_d), inner_d)

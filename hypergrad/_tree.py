@@ -24,6 +24,7 @@ __all__ = [
     "Tree",
     "accum_dtype",
     "check_compatible",
+    "check_tree",
     "tree_add",
     "tree_axpy",
     "tree_batch_dot",
@@ -41,6 +42,18 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_complex:
         return torch.promote_types(dtype, torch.complex64)
     return torch.promote_types(dtype, torch.float32)
+
+
+def check_tree(tree: object, name: str) -> None:
+    """Raise :class:`TreeMismatchError` unless ``tree`` is a non-empty ``dict`` name -> Tensor."""
+    if not isinstance(tree, Mapping) or not tree:
+        raise TreeMismatchError(
+            f"{name} must be a non-empty dict name -> Tensor, got {type(tree).__name__}; "
+            f"pass e.g. dict(model.named_parameters())"
+        )
+    for key, value in tree.items():
+        if not isinstance(value, Tensor):
+            raise TreeMismatchError(f"{name}[{key!r}] is a {type(value).__name__}, expected a Tensor")
 
 
 def check_compatible(

@@ -35,13 +35,12 @@ from ._estimate import (
     check_count,
     check_positive,
     check_tol,
-    check_tree,
     descend,
     inner_grad,
 )
 from ._hvp import _check_scalar
 from ._implicit import _autograd_only, primals
-from ._tree import Tree, tree_norm
+from ._tree import Tree, check_tree, tree_norm
 
 __all__ = ["unrolled_grad"]
 
