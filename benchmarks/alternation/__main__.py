@@ -23,6 +23,8 @@ def merge(previous: dict, new: dict) -> dict:
         for key, value in entry.items():
             if key == "contenders" and "contenders" in old:
                 old["contenders"].update(value)
+            elif key == "runs":  # provenance accumulates: which process measured which part
+                old["runs"] = [*old.get("runs", []), *value]
             else:
                 old[key] = value
     previous["finished"] = new["finished"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import statistics
 import sys
@@ -23,7 +24,7 @@ from torch import Tensor
 
 import hypergrad as hg
 
-from .._common import machine_summary, median_times, rel_err
+from .._common import machine_summary, rel_err
 from .contenders import CONTENDERS, Clock, Contender, CountingOperator, Recorder
 from .reference import CountingProduct, layerwise_cg
 from .workload import Alternation, Sizes, alternation, pretrained_models
@@ -37,7 +38,7 @@ class Mode:
     budgets: tuple[int, ...]  # per-budget contenders (warm start, recycling)
     rounds: int  # timed repetitions of each contender's alternation (median)
     truth_tol: float
-    overhead_rounds: int
+    overhead_pairs: int  # interleaved (ours, hand-written) pairs per graph strategy
     peer_rhs: int | None = None  # right-hand sides for the peer comparison (None: all)
 
 
@@ -46,7 +47,7 @@ MODES = {
     # so that CG's convergence bounds apply (it checks correctness, not BiSSL's numbers).
     "smoke": Mode(Sizes("tiny", "float64", 16, 32, 3, 8, 300, 32, 4, delta=50.0), (0,), 5, (1, 2, 3), 1, 1e-13, 2),
     "quick": Mode(Sizes("narrow", "float32", 32, 16, 8, 32, 500, 64, 8), (0,), 5, (1, 2, 3), 3, 1e-6, 10),
-    "full": Mode(Sizes("resnet18", "float32", 32, 32, 8, 32, 300, 64, 8), (0, 1, 2), 5, (2, 3), 1, 1e-6, 5,
+    "full": Mode(Sizes("resnet18", "float32", 32, 32, 8, 32, 300, 64, 8), (0, 1, 2), 5, (2, 3), 2, 1e-6, 7,
                  peer_rhs=2),
 }
 REFERENCE_ITERATIONS = 5
@@ -54,6 +55,10 @@ REFERENCE_ITERATIONS = 5
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class IndefiniteSystemError(RuntimeError):
+    """The benchmark's damped system showed non-positive curvature: CG comparisons are void."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +156,14 @@ def contenders(w: Alternation, xs: list[dict[str, Tensor]], mode: Mode, clock: C
 # Section 2: overhead per product, torchopt, host synchronisations
 
 
-def hvp_overhead(w: Alternation, rounds: int, device: torch.device) -> dict[str, Any]:
-    """hypergrad's Hessian products vs hand-written double backward with the same graph strategy."""
+def hvp_overhead(w: Alternation, pairs: int, device: torch.device) -> dict[str, Any]:
+    """hypergrad's Hessian products vs hand-written double backward with the same graph strategy.
+
+    Measured as ``pairs`` interleaved pairs per graph strategy (ours then theirs, the order swapped
+    every other pair, after one warm-up pair): each pair gives one ratio ours/theirs - 1, and the
+    result is the median of those ratios with their range, so a claim like "at most 5 %" can be
+    checked against the spread rather than one median.
+    """
     gen = torch.Generator().manual_seed(7)
     u = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in w.params.items()}
     keys = list(w.params)
@@ -162,28 +173,45 @@ def hvp_overhead(w: Alternation, rounds: int, device: torch.device) -> dict[str,
     H.mv(u)  # builds the reused graph
     hand_rebuild = CountingProduct(w.f, w.params, w.c)
 
-    def sync(fn: Callable[[], Any]) -> Callable[[], Any]:
-        if device.type != "cuda":
-            return fn
-        return lambda: (fn(), torch.cuda.synchronize())
+    def timed(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    fns = {
-        "hand-written, reused graph": sync(lambda: torch.autograd.grad(grads, list(p.values()),
-                                                                       [u[k] for k in keys], retain_graph=True)),
-        "hypergrad HessianOperator, reused graph": sync(lambda: H.mv(u)),
-        "hand-written, graph rebuilt": sync(lambda: hand_rebuild.hessian(u)),
-        "hypergrad hvp, graph rebuilt": sync(lambda: hg.hvp(w.f, w.params, u)),
+    strategies = {
+        "reused": (("hypergrad HessianOperator, reused graph", lambda: H.mv(u)),
+                   ("hand-written, reused graph",
+                    lambda: torch.autograd.grad(grads, list(p.values()), [u[k] for k in keys], retain_graph=True))),
+        "rebuilt": (("hypergrad hvp, graph rebuilt", lambda: hg.hvp(w.f, w.params, u)),
+                    ("hand-written, graph rebuilt", lambda: hand_rebuild.hessian(u))),
     }
-    med = median_times(fns, rounds=rounds, warmup=1)
+    seconds: dict[str, list[float]] = {}
+    out: dict[str, Any] = {"pairs": pairs}
+    for strategy, ((ours_name, ours), (theirs_name, theirs)) in strategies.items():
+        timed(ours), timed(theirs)  # warm-up pair
+        ratios = []
+        for i in range(pairs):
+            if i % 2 == 0:
+                t_ours, t_theirs = timed(ours), timed(theirs)
+            else:
+                t_theirs, t_ours = timed(theirs), timed(ours)
+            seconds.setdefault(ours_name, []).append(t_ours)
+            seconds.setdefault(theirs_name, []).append(t_theirs)
+            ratios.append(t_ours / t_theirs - 1)
+        out[f"overhead_{strategy}"] = statistics.median(ratios)
+        out[f"overhead_{strategy}_pairs"] = ratios
+        out[f"overhead_{strategy}_range"] = [min(ratios), max(ratios)]
+    out["seconds"] = {name: statistics.median(ts) for name, ts in seconds.items()}
+    out["seconds_pairs"] = seconds
     ours_reuse = hg.HessianOperator(w.f, w.params).mv(u)
-    theirs = dict(zip(keys, torch.autograd.grad(grads, list(p.values()), [u[k] for k in keys], retain_graph=True),
-                      strict=True))
-    return {
-        "seconds": med, "rounds": rounds,
-        "overhead_reused": med["hypergrad HessianOperator, reused graph"] / med["hand-written, reused graph"] - 1,
-        "overhead_rebuilt": med["hypergrad hvp, graph rebuilt"] / med["hand-written, graph rebuilt"] - 1,
-        "max_rel_difference": rel_err(ours_reuse, theirs),
-    }
+    theirs_value = dict(zip(keys, torch.autograd.grad(grads, list(p.values()), [u[k] for k in keys],
+                                                      retain_graph=True), strict=True))
+    out["max_rel_difference"] = rel_err(ours_reuse, theirs_value)
+    return out
 
 
 _CONVERSIONS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -296,12 +324,15 @@ def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = No
         "gpu_measured": device.type == "cuda", "seeds": [],
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    # Stamped on every seed, so a merged file (--append) still says which process measured what.
+    provenance = {"started": result["started"], "argv": sys.argv, "pid": os.getpid(), "host": platform.node(),
+                  "sections": list(sections), "contenders": names or "all", "rounds": mode.rounds}
     if device.type == "cuda":
         result["machine"]["gpu"] = torch.cuda.get_device_name(device)
     for seed in seeds:
         w = alternation(mode.sizes, backbone, projector, feat, seed, device)
         result["num_params"] = w.num_params
-        entry: dict[str, Any] = {"seed": seed}
+        entry: dict[str, Any] = {"seed": seed, "runs": [provenance]}
         first = seed == mode.seeds[0]
         if "alternation" in sections or "peers" in sections:
             log(f"seed {seed}: {w.num_params:,} parameters; truth solves")
@@ -314,15 +345,21 @@ def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = No
             log(f"  truth: iterations {[s['iterations'] for s in truth_info['solves']]}, residuals "
                 f"{max(s['relative_residual'] for s in truth_info['solves']):.1e} max, min curvature {curvature:.3g}")
             entry["truth"] = truth_info
+            if curvature <= 0:
+                raise IndefiniteSystemError(
+                    f"seed {seed}: the truth solves met curvature d.Ad/d.d = {curvature:.3g} <= 0, so the damped "
+                    "system is not positive definite and CG's numbers would not mean what the report says. "
+                    "Train the backbone longer (Sizes.pretrain_steps) or raise the damping (Sizes.delta).")
         if "alternation" in sections:
             entry["contenders"] = contenders(w, xs, mode, clock, names)
         if first and "overhead" in sections:
             log("  overhead per product")
-            entry["overhead"] = hvp_overhead(w, mode.overhead_rounds, device)
+            entry["overhead"] = hvp_overhead(w, mode.overhead_pairs, device)
         if first and "peers" in sections:
             log("  peers and host synchronisations")
             k = mode.peer_rhs or len(xs)
             entry["peers"] = peers(w, xs[:k], device)
+        entry["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         result["seeds"].append(entry)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return result

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HYPERGRAD_BENCH_CACHE", Path.home() / ".cache" / "hypergrad-bench"))
 
 
-def pretrained_models(sizes: Sizes, device: torch.device) -> tuple[nn.Module, nn.Module, int, dict[str, float]]:
+def pretrained_models(sizes: Sizes, device: torch.device) -> tuple[nn.Module, nn.Module, int, dict[str, Any]]:
     """Backbone and projector after ``sizes.pretrain_steps`` SimCLR steps on digits (cached).
 
     SGD with momentum 0.9 (lr 0.05, weight decay 1e-6: the reference's LARS is SGD-like) on
@@ -130,7 +131,7 @@ def pretrained_models(sizes: Sizes, device: torch.device) -> tuple[nn.Module, nn
            "pairs": sizes.pretrain_pairs, "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"simclr-{sizes.arch}-{digest}.pt"
-    info: dict[str, float] = {"pretrain_steps": float(sizes.pretrain_steps)}
+    info: dict[str, Any] = {"pretrain_steps": float(sizes.pretrain_steps)}
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state["backbone"])
@@ -148,7 +149,7 @@ def pretrained_models(sizes: Sizes, device: torch.device) -> tuple[nn.Module, nn
     return backbone.to(device), projector.to(device), feat, info
 
 
-def _simclr(backbone: nn.Module, projector: nn.Module, sizes: Sizes, device: torch.device) -> dict[str, float]:
+def _simclr(backbone: nn.Module, projector: nn.Module, sizes: Sizes, device: torch.device) -> dict[str, Any]:
     images, _ = digits(sizes.image)
     gen = torch.Generator().manual_seed(0)
     backbone.to(device).train()
@@ -169,7 +170,10 @@ def _simclr(backbone: nn.Module, projector: nn.Module, sizes: Sizes, device: tor
     backbone.cpu()
     projector.cpu()
     first, last = sum(losses[:10]) / max(1, len(losses[:10])), sum(losses[-10:]) / max(1, len(losses[-10:]))
-    return {"pretrain_seconds": time.perf_counter() - t0, "loss_first10": first, "loss_last10": last}
+    return {"pretrain_seconds": time.perf_counter() - t0, "loss_first10": first, "loss_last10": last,
+            "recipe": f"SGD lr 0.05 momentum 0.9 wd 1e-6, NT-Xent tau 0.5, {sizes.pretrain_pairs} pairs/step, "
+                      f"digits at {sizes.image}px, seed 0",
+            "trained_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch_threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ Definitions used below (and printed on the page):
 * **cost** = gradient evaluations + r x Hessian products, r measured in the run (per problem
   and seed) as the median time of one product on a built graph over one gradient.
 * **loss at a budget**: the outer loss at the exact inner solution, for the point the method
-  holds when its cost reaches that fraction of the budget (random search: its best candidate).
+  holds when its cost reaches that fraction of the budget (random search: the candidate it ranks
+  best by its own, approximate, validation loss after K_rs warm-started inner steps; measured at the
+  exact inner solution that candidate can be worse than an earlier one, so its loss can rise).
 * **target** (per problem and seed): ``F0 - 0.9 (F0 - F_best)``, 90 % of the largest
   improvement over the start that any contender reached on that seed.
 * **time / cost to target**: at the first evaluation at or below the target.
@@ -180,7 +182,9 @@ def problem_section(name: str, entry: dict[str, Any], image: str) -> list[str]:
         f"CG/Neumann m = {s['solver_iterations']}; truncated ITD keeps T = {s['truncate']}; F2SA "
         f"λ_k = min({_fmt(lam['maximum'])}, {_fmt(lam['initial'])}(1+k)^{lam['power']}); V-PBGD γ = "
         f"{_fmt(s['vpbgd_gamma'])} with {s['vpbgd_penalty_steps']} y steps; random search: "
-        f"{entry['random_rule']}, {s['random_inner_steps']} inner steps per candidate.", "",
+        f"{entry['random_rule']}, {s['random_inner_steps']} warm-started inner steps per candidate; it keeps "
+        "the candidate with the lowest validation loss after those steps, which is approximate: the loss "
+        "below (at the exact inner solution) of the candidate it keeps can rise with the budget.", "",
         f"![{name}]({image})", "",
     ]
     header = ["contender", *[f"loss at {int(f * 100)} % budget" for f in BUDGET_FRACTIONS],

@@ -19,8 +19,21 @@ from benchmarks._common import ravel as flatten
 from benchmarks._common import unravel as unflatten
 from benchmarks.alternation.contenders import CONTENDERS, Clock
 from benchmarks.alternation.reference import CountingProduct, layerwise_cg
-from benchmarks.alternation.report import pooled, speedups, write_report
-from benchmarks.alternation.run import MODES, contenders, peers, run_mode, truth
+from benchmarks.alternation.report import (
+    SAME_METHOD_AS_REFERENCE,
+    overhead_verdict,
+    pooled,
+    speedups,
+    write_report,
+)
+from benchmarks.alternation.run import (
+    MODES,
+    IndefiniteSystemError,
+    contenders,
+    peers,
+    run_mode,
+    truth,
+)
 from benchmarks.alternation.workload import alternation, pretrained_models
 
 MODE = MODES["smoke"]
@@ -252,6 +265,55 @@ def test_report_renders_from_json(tmp_path: Path, monkeypatch):
     assert table["reference"][-1]["products"] == MODE.sizes.rhs * 5
     # Standard CG reaches the reference's error at some budget on an SPD system.
     assert ups["cg"]["reached"] == 1
+    # Every seed says which process measured it.
+    run = result["seeds"][0]["runs"][0]
+    assert run["sections"] == ["alternation", "overhead"] and run["pid"] > 0
+    assert "**Provenance**" in text and f"pid {run['pid']}" in text
+    # The overhead is a median over interleaved pairs, with each pair's ratio kept.
+    o = result["seeds"][0]["overhead"]
+    assert len(o["overhead_reused_pairs"]) == MODE.overhead_pairs
+    lo, hi = o["overhead_reused_range"]
+    assert lo <= o["overhead_reused"] <= hi
+
+
+def _result_with(ref_error: float, errors: dict[str, float]) -> dict:
+    """A hand-made result: the reference at 10 s with ``ref_error``; every contender at 5 s."""
+    point = lambda err, sec: {"iterations": 5, "seconds": sec, "median_error": err, "errors": [err],  # noqa: E731
+                              "products": 40}
+    cs = {"reference": {"label": "r", "points": [point(ref_error, 10.0)]}}
+    cs |= {name: {"label": name, "points": [point(err, 5.0)]} for name, err in errors.items()}
+    return {"seeds": [{"seed": 0, "contenders": cs}]}
+
+
+def test_equal_error_is_strict_except_for_the_reference_method():
+    same = next(iter(SAME_METHOD_AS_REFERENCE))
+    ups = speedups(_result_with(1.0, {"cg": 1.0, "worse-by-half-a-percent": 1.005, same: 1.005, "better": 0.5}))
+    assert ups["cg"]["median"] == 2.0 and ups["better"]["median"] == 2.0  # at or below the bar: qualifies
+    assert ups["worse-by-half-a-percent"]["reached"] == 0  # no allowance for another method
+    assert ups[same]["median"] == 2.0  # float32 rounding of the reference's own method and precision
+
+
+def test_overhead_verdict_needs_the_spread():
+    pairs = lambda med, lo, hi: {"pairs": 5, "overhead_reused": med, "overhead_reused_range": [lo, hi],  # noqa: E731
+                                 "overhead_rebuilt": med, "overhead_rebuilt_range": [lo, hi]}
+    assert overhead_verdict(pairs(0.01, -0.02, 0.04)) == "met"
+    assert overhead_verdict(pairs(0.01, -0.02, 0.09)).startswith("not shown")
+    assert overhead_verdict(pairs(0.08, 0.06, 0.09)) == "not met"
+
+
+def test_indefinite_system_stops_the_run(monkeypatch):
+    import benchmarks.alternation.run as run_module
+
+    real_truth = run_module.truth
+
+    def negative_curvature(*args, **kwargs):
+        xs, info = real_truth(*args, **kwargs)
+        info["solves"][0]["min_curvature"] = -0.5
+        return xs, info
+
+    monkeypatch.setattr(run_module, "truth", negative_curvature)
+    with pytest.raises(IndefiniteSystemError, match=r"-0\.5"):
+        run_mode("smoke", CPU, sections=("alternation",), names=["reference"])
 
 
 def test_append_merges_sections_and_contenders():
@@ -263,4 +325,8 @@ def test_append_merges_sections_and_contenders():
     out = merge(old, new)
     assert out["seeds"] == [{"seed": 0, "truth": "t0", "contenders": {"a": 1, "b": 3}, "peers": "p0",
                              "overhead": "o0"}, {"seed": 1, "truth": "t1"}]
+    # Provenance accumulates: both processes stay listed for seed 0.
+    old = {"seeds": [{"seed": 0, "runs": [{"pid": 1}]}], "finished": "x"}
+    new = {"seeds": [{"seed": 0, "runs": [{"pid": 2}]}], "finished": "y"}
+    assert merge(old, new)["seeds"][0]["runs"] == [{"pid": 1}, {"pid": 2}]
     assert out["finished"] == "y"
