@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--contenders", nargs="*", help="only these contenders (names as in the JSON)")
     run.add_argument("--rounds", type=int, help="timed rounds per contender (interleaved, reversed every other "
                                                 "round; default: the mode's)")
+    run.add_argument("--budgets", type=int, nargs="*", help="iteration budgets of the per-budget contenders "
+                                                                "(default: the mode's)")
     run.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/alternation-MODE.json)")
     run.add_argument("--sections", nargs="*", default=["alternation", "overhead", "peers"],
                      choices=["alternation", "overhead", "peers"], help="what to measure (default: all)")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is visible to torch")
     out = args.out or RESULTS / f"alternation-{args.mode}.json"
     result = run_mode(args.mode, device, tuple(args.seeds) if args.seeds else None, args.contenders,
-                      tuple(args.sections), args.rounds)
+                      tuple(args.sections), args.rounds, tuple(args.budgets) if args.budgets else None)
     if args.append and out.exists():
         result = merge(json.loads(out.read_text()), result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -309,8 +309,9 @@ def versions() -> dict[str, str]:
 
 def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = None,
              names: list[str] | None = None, sections: tuple[str, ...] = ("alternation", "overhead", "peers"),
-             rounds: int | None = None) -> dict[str, Any]:
+             rounds: int | None = None, budgets: tuple[int, ...] | None = None) -> dict[str, Any]:
     mode = MODES[name] if rounds is None else replace(MODES[name], rounds=rounds)
+    mode = mode if budgets is None else replace(mode, budgets=budgets)
     seeds = mode.seeds if seeds is None else seeds
     clock = Clock(device)
     log(f"mode {name}: {mode.sizes.arch}, {mode.sizes.pairs} pairs, {mode.sizes.rhs} right-hand sides, "
@@ -326,7 +327,8 @@ def run_mode(name: str, device: torch.device, seeds: tuple[int, ...] | None = No
     }
     # Stamped on every seed, so a merged file (--append) still says which process measured what.
     provenance = {"started": result["started"], "argv": sys.argv, "pid": os.getpid(), "host": platform.node(),
-                  "sections": list(sections), "contenders": names or "all", "rounds": mode.rounds}
+                  "sections": list(sections), "contenders": names or "all", "rounds": mode.rounds,
+                  "budgets": list(mode.budgets)}
     if device.type == "cuda":
         result["machine"]["gpu"] = torch.cuda.get_device_name(device)
     for seed in seeds:
