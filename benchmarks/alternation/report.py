@@ -242,10 +242,13 @@ def provenance(result: dict[str, Any]) -> list[str]:
                          f"`{' '.join(result['argv'][1:])}` ({result['started']} – {result['finished']})",
                          ", ".join(sections), "–"])
             continue
+        present = {"alternation": "contenders", "overhead": "overhead", "peers": "peers"}
         for r in runs:
             contenders = r["contenders"] if isinstance(r["contenders"], str) else ", ".join(r["contenders"])
+            # A run asks for sections; overhead and peers are measured on the mode's first seed only.
+            measured = [name for name in r["sections"] if present[name] in seed]
             rows.append([str(seed["seed"]), f"pid {r['pid']} on {r['host']}, started {r['started']}: "
-                         f"`{' '.join(r['argv'][1:])}`", ", ".join(r["sections"]), contenders])
+                         f"`{' '.join(r['argv'][1:])}`", ", ".join(measured), contenders])
     return ["**Provenance** (each row: one process; a seed's figures come from the processes listed for it):", "",
             _table(["seed", "process", "sections", "contenders"], rows), ""]
 
