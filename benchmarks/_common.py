@@ -338,9 +338,9 @@ def _machine_summary() -> dict[str, str]:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name") and model in ("unknown", platform.processor()):
+                if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
+                elif line.startswith("flags"):  # the first CPU's block ends here: model and flags read
                     flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:

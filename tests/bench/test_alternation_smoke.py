@@ -278,8 +278,9 @@ def test_report_renders_from_json(tmp_path: Path, monkeypatch):
 
 def _result_with(ref_error: float, errors: dict[str, float]) -> dict:
     """A hand-made result: the reference at 10 s with ``ref_error``; every contender at 5 s."""
-    point = lambda err, sec: {"iterations": 5, "seconds": sec, "median_error": err, "errors": [err],  # noqa: E731
-                              "products": 40}
+    def point(err: float, sec: float) -> dict:
+        return {"iterations": 5, "seconds": sec, "median_error": err, "errors": [err], "products": 40}
+
     cs = {"reference": {"label": "r", "points": [point(ref_error, 10.0)]}}
     cs |= {name: {"label": name, "points": [point(err, 5.0)]} for name, err in errors.items()}
     return {"seeds": [{"seed": 0, "contenders": cs}]}
@@ -294,8 +295,10 @@ def test_equal_error_is_strict_except_for_the_reference_method():
 
 
 def test_overhead_verdict_needs_the_spread():
-    pairs = lambda med, lo, hi: {"pairs": 5, "overhead_reused": med, "overhead_reused_range": [lo, hi],  # noqa: E731
-                                 "overhead_rebuilt": med, "overhead_rebuilt_range": [lo, hi]}
+    def pairs(med: float, lo: float, hi: float) -> dict:
+        return {"pairs": 5, "overhead_reused": med, "overhead_reused_range": [lo, hi],
+                "overhead_rebuilt": med, "overhead_rebuilt_range": [lo, hi]}
+
     assert overhead_verdict(pairs(0.01, -0.02, 0.04)) == "met"
     assert overhead_verdict(pairs(0.01, -0.02, 0.09)).startswith("not shown")
     assert overhead_verdict(pairs(0.08, 0.06, 0.09)) == "not met"
